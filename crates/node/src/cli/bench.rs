@@ -1,0 +1,147 @@
+//! `palaver bench`: load generators.
+//!
+//! `palaver bench raft` drives consensus writes (room joins and leaves, each one Raft commit
+//! fsynced on a majority) into a 3-node loopback cluster — started by the bench in a temporary
+//! directory unless `--addr` names a running one — and prints commits/s and latency
+//! percentiles for each concurrency level.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use palaver_proto::v1::chat_service_client::ChatServiceClient;
+use palaver_proto::v1::{CreateRoomRequest, LoginRequest, RegisterRequest, RoomRequest};
+use tonic::transport::Channel;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Consensus writes: membership changes through the shards' Raft groups.
+    Raft(RaftBenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct RaftBenchArgs {
+    /// Use the running cluster of the node at this address instead of starting one.
+    #[arg(long)]
+    addr: Vec<String>,
+    /// Concurrent clients, one run per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    clients: Vec<usize>,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Data shards of the cluster the bench starts.
+    #[arg(long, default_value_t = 64)]
+    shards: u32,
+    /// Rooms written to (spread over the shards).
+    #[arg(long, default_value_t = 256)]
+    rooms: usize,
+    /// First gRPC port of the cluster the bench starts.
+    #[arg(long, default_value_t = 7301)]
+    base_port: u16,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.command {
+        BenchCommand::Raft(args) => raft(args).await,
+    }
+}
+
+fn authed<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
+}
+
+async fn login(client: &mut ChatServiceClient<Channel>, user: &str) -> anyhow::Result<String> {
+    let password = "bench-password".to_string();
+    let _ = client.register(RegisterRequest { user: user.into(), password: password.clone() }).await;
+    Ok(client.login(LoginRequest { user: user.into(), password }).await?.into_inner().token)
+}
+
+async fn raft(args: RaftBenchArgs) -> anyhow::Result<()> {
+    let temp;
+    let mut processes = Vec::new();
+    let addrs = if args.addr.is_empty() {
+        temp = tempfile::tempdir()?;
+        println!("starting a 3-node cluster ({} shards, fsync on) in {}", args.shards, temp.path().display());
+        processes = super::up::start_cluster(temp.path(), 3, args.shards, args.base_port, true).await?;
+        let addrs: Vec<String> = processes.iter().map(|p| p.addr.clone()).collect();
+        super::up::wait_ready(&addrs[0], 3, true).await?;
+        addrs
+    } else {
+        args.addr.clone()
+    };
+    let channels: Vec<Channel> = addrs
+        .iter()
+        .map(|a| Channel::from_shared(format!("http://{a}")).map(|e| e.connect_lazy()))
+        .collect::<Result<_, _>>()?;
+    let mut setup = ChatServiceClient::new(channels[0].clone());
+    let owner = login(&mut setup, "bench-owner").await?;
+    let run_id = std::process::id();
+    let rooms: Vec<String> = (0..args.rooms).map(|i| format!("bench-{run_id}-{i}")).collect();
+    for room in &rooms {
+        setup
+            .create_room(authed(CreateRoomRequest { room: room.clone(), ..Default::default() }, &owner)?)
+            .await
+            .with_context(|| format!("create {room}"))?;
+    }
+    println!("{:>8} {:>12} {:>10} {:>10} {:>10}", "clients", "commits/s", "p50 ms", "p99 ms", "errors");
+    for &clients in &args.clients {
+        let mut tasks = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(args.seconds);
+        for c in 0..clients {
+            let mut client = ChatServiceClient::new(channels[c % channels.len()].clone());
+            let token = login(&mut client, &format!("bench-{c}")).await?;
+            let rooms = rooms.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut errors = 0u64;
+                let mut i = c;
+                while Instant::now() < deadline {
+                    let room = rooms[i % rooms.len()].clone();
+                    i += clients.max(1);
+                    for join in [true, false] {
+                        let started = Instant::now();
+                        let Ok(request) = authed(RoomRequest { room: room.clone() }, &token) else { continue };
+                        let result = if join { client.join(request).await } else { client.leave(request).await };
+                        match result {
+                            Ok(_) => latencies.push(started.elapsed()),
+                            Err(_) => errors += 1,
+                        }
+                    }
+                }
+                (latencies, errors)
+            }));
+        }
+        let started = Instant::now();
+        let mut latencies = Vec::new();
+        let mut errors = 0;
+        for task in tasks {
+            let (l, e) = task.await?;
+            latencies.extend(l);
+            errors += e;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        latencies.sort();
+        let pct = |p: f64| {
+            latencies
+                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+        println!(
+            "{clients:>8} {:>12.0} {:>10.2} {:>10.2} {errors:>10}",
+            latencies.len() as f64 / elapsed,
+            pct(0.50),
+            pct(0.99)
+        );
+    }
+    super::up::stop_all(&mut processes).await;
+    Ok(())
+}

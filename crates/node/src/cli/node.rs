@@ -1,0 +1,78 @@
+//! `palaver node`: run one node until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use palaver_node::{Bootstrap, Node, NodeConfig, NodeEnv};
+use palaver_shard::{ReplicaOptions, RocksEngine};
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Directory for this node's RocksDB (created if missing).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Address to serve gRPC on (clients and peers), e.g. 127.0.0.1:7101.
+    #[arg(long)]
+    grpc_addr: String,
+    /// Address peers and clients should use, if not --grpc-addr.
+    #[arg(long)]
+    advertise_addr: Option<String>,
+    /// Create a new cluster (first node only, first start only).
+    #[arg(long, conflicts_with = "join")]
+    init_cluster: bool,
+    /// Number of data shards of the new cluster (with --init-cluster).
+    #[arg(long, default_value_t = 64, requires = "init_cluster")]
+    shards: u32,
+    /// Join the cluster of the node at HOST:PORT (first start only).
+    #[arg(long)]
+    join: Option<String>,
+    /// Snapshot a shard (and purge its log) after this many entries.
+    #[arg(long, default_value_t = palaver_shard::replica::SNAPSHOT_LOGS_SINCE_LAST_DEFAULT)]
+    snapshot_logs: u64,
+}
+
+pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    super::init_tracing();
+    std::fs::create_dir_all(&args.data_dir).with_context(|| format!("create {}", args.data_dir.display()))?;
+    let engine = Arc::new(RocksEngine::open(&args.data_dir.join("db"))?);
+    let listener = tokio::net::TcpListener::bind(&args.grpc_addr)
+        .await
+        .with_context(|| format!("bind {}", args.grpc_addr))?;
+    let bootstrap = match (args.init_cluster, args.join) {
+        (true, _) => Bootstrap::InitCluster { shard_count: args.shards },
+        (false, Some(seed)) => Bootstrap::Join { seed },
+        (false, None) => Bootstrap::Resume,
+    };
+    let advertise_addr = match args.advertise_addr {
+        Some(addr) => addr,
+        None => listener.local_addr()?.to_string(),
+    };
+    let config = NodeConfig {
+        data_dir: args.data_dir,
+        advertise_addr,
+        bootstrap,
+        replica: ReplicaOptions { snapshot_logs_since_last: args.snapshot_logs.max(1) },
+    };
+    let node = Node::start(config, NodeEnv::default(), engine, listener).await?;
+    println!("node {} serving on {}", node.id(), node.local_addr());
+    wait_for_signal().await;
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

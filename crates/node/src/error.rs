@@ -1,0 +1,128 @@
+//! The node's error type and its one mapping to gRPC status codes.
+//!
+//! Every failure a client can meet is an [`ApiError`] variant, named by what the caller should
+//! do about it. [`ApiError::code`] is a stable machine-readable string, sent as the gRPC
+//! metadata `palaver-error` (and later as the WebSocket error frame's `code`); the status code
+//! follows gRPC's conventions. The list is documented in `docs/errors.md`.
+
+use palaver_shard::Refusal;
+
+/// Metadata key that carries [`ApiError::code`] on a gRPC error status.
+pub const ERROR_CODE_METADATA_KEY: &str = "palaver-error";
+
+/// A failure reported to a client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The request is malformed or breaks a limit; fix it before retrying.
+    #[error("invalid {field}: {reason}")]
+    InvalidInput {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No token, a bad token, an expired token, or a wrong password.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The metadata rules refused the command (deterministic: retrying will not help).
+    #[error("{0}")]
+    Refused(Refusal),
+    /// The user does not exist.
+    #[error("user {0} does not exist")]
+    UserNotFound(String),
+    /// The shard has no reachable leader right now; retry with backoff.
+    #[error("shard {shard} is unavailable: {reason}")]
+    Unavailable {
+        /// The shard.
+        shard: u32,
+        /// Why.
+        reason: String,
+    },
+    /// The node is not part of an initialized cluster yet.
+    #[error("this node has not joined a cluster yet")]
+    NotReady,
+    /// A bug or an I/O failure on the node.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A field that breaks a rule.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        ApiError::InvalidInput { field, reason: reason.into() }
+    }
+
+    /// Whether the same request may succeed later unchanged.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ApiError::Unavailable { .. } | ApiError::NotReady)
+    }
+
+    /// The stable machine-readable code of this error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidInput { .. } => "invalid_input",
+            ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::UserNotFound(_) => "user_not_found",
+            ApiError::Unavailable { .. } => "unavailable",
+            ApiError::NotReady => "not_ready",
+            ApiError::Internal(_) => "internal",
+            ApiError::Refused(refusal) => match refusal {
+                Refusal::AlreadyInitialized => "already_initialized",
+                Refusal::NotMetaShard => "not_meta_shard",
+                Refusal::UserExists(_) => "user_exists",
+                Refusal::RoomExists(_) => "room_exists",
+                Refusal::RoomNotFound(_) => "room_not_found",
+                Refusal::NotMember { .. } => "not_member",
+                Refusal::AlreadyMember { .. } => "already_member",
+                Refusal::Banned { .. } => "banned",
+                Refusal::NotBanned { .. } => "not_banned",
+                Refusal::NotInvited { .. } => "not_invited",
+                Refusal::PermissionDenied { .. } => "permission_denied",
+                Refusal::LastOwner { .. } => "last_owner",
+                Refusal::SelfTarget(_) => "self_target",
+            },
+        }
+    }
+
+    fn grpc_code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            ApiError::InvalidInput { .. } => Code::InvalidArgument,
+            ApiError::Unauthenticated(_) => Code::Unauthenticated,
+            ApiError::UserNotFound(_) => Code::NotFound,
+            ApiError::Unavailable { .. } | ApiError::NotReady => Code::Unavailable,
+            ApiError::Internal(_) => Code::Internal,
+            ApiError::Refused(refusal) => match refusal {
+                Refusal::UserExists(_) | Refusal::RoomExists(_) | Refusal::AlreadyMember { .. } => {
+                    Code::AlreadyExists
+                }
+                Refusal::RoomNotFound(_) => Code::NotFound,
+                Refusal::PermissionDenied { .. } | Refusal::Banned { .. } | Refusal::NotInvited { .. } => {
+                    Code::PermissionDenied
+                }
+                Refusal::AlreadyInitialized
+                | Refusal::NotMetaShard
+                | Refusal::NotMember { .. }
+                | Refusal::NotBanned { .. }
+                | Refusal::LastOwner { .. }
+                | Refusal::SelfTarget(_) => Code::FailedPrecondition,
+            },
+        }
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(error: ApiError) -> Self {
+        let mut status = tonic::Status::new(error.grpc_code(), error.to_string());
+        if let Ok(value) = error.code().parse() {
+            status.metadata_mut().insert(ERROR_CODE_METADATA_KEY, value);
+        }
+        status
+    }
+}
+
+impl From<palaver_shard::StorageError> for ApiError {
+    fn from(error: palaver_shard::StorageError) -> Self {
+        ApiError::Internal(error.to_string())
+    }
+}

@@ -1,0 +1,520 @@
+//! The gRPC surfaces of a node: `ChatService` and `AdminService` for clients and operators,
+//! `PeerService` for other nodes, and server reflection. Each handler is a thin adapter:
+//! protobuf in, a call into [`crate::ops`] / [`crate::routing`] / the replicas, protobuf out;
+//! errors become statuses in one place ([`ApiError`]'s `From` impl).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use palaver_ids::ShardId;
+use palaver_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
+use palaver_proto::v1::chat_service_server::{ChatService, ChatServiceServer};
+use palaver_proto::v1::peer_service_server::{PeerService, PeerServiceServer};
+use palaver_proto::v1 as pb;
+use palaver_shard::meta::Room;
+use palaver_shard::types::{Snapshot, SnapshotMeta, Vote};
+use palaver_shard::{Command, Outcome, Role, RoomSettings, Visibility, keys};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::error::ApiError;
+use crate::limits::{CLIENT_MESSAGE_BYTES_MAX, PEER_MESSAGE_BYTES_MAX};
+use crate::node::NodeInner;
+use crate::ops::{Ops, TargetAction};
+use crate::routing::{self, LocalError};
+
+/// How long a status call waits for each node.
+pub const STATUS_NODE_TIMEOUT_MS: u64 = 2_000;
+
+/// Serve every gRPC service on `listener` until `stopped` turns true.
+pub async fn serve(node: Arc<NodeInner>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(palaver_proto::FILE_DESCRIPTOR_SET)
+        .build_v1();
+    let reflection = match reflection {
+        Ok(service) => service,
+        Err(e) => {
+            tracing::error!(error = %e, "reflection service failed to build");
+            return;
+        }
+    };
+    let chat = ChatServiceServer::new(ChatApi { ops: Ops::new(node.clone()) })
+        .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
+    let admin = AdminServiceServer::new(AdminApi { node: node.clone() });
+    let peer = PeerServiceServer::new(PeerApi { node: node.clone() })
+        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(chat)
+        .add_service(admin)
+        .add_service(peer)
+        .add_service(reflection)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+fn bearer<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+}
+
+fn role_from_pb(role: i32) -> Result<Role, ApiError> {
+    match pb::Role::try_from(role) {
+        Ok(pb::Role::Member) => Ok(Role::Member),
+        Ok(pb::Role::Admin) => Ok(Role::Admin),
+        Ok(pb::Role::Owner) => Ok(Role::Owner),
+        _ => Err(ApiError::invalid("role", "must be ROLE_MEMBER, ROLE_ADMIN or ROLE_OWNER")),
+    }
+}
+
+fn role_to_pb(role: Option<Role>) -> i32 {
+    match role {
+        None => pb::Role::Unspecified as i32,
+        Some(Role::Member) => pb::Role::Member as i32,
+        Some(Role::Admin) => pb::Role::Admin as i32,
+        Some(Role::Owner) => pb::Role::Owner as i32,
+    }
+}
+
+fn visibility_from_pb(visibility: i32) -> Result<Visibility, ApiError> {
+    match pb::Visibility::try_from(visibility) {
+        Ok(pb::Visibility::Public) => Ok(Visibility::Public),
+        Ok(pb::Visibility::InviteOnly) => Ok(Visibility::InviteOnly),
+        Err(_) => Err(ApiError::invalid("visibility", "unknown value")),
+    }
+}
+
+fn visibility_to_pb(visibility: Visibility) -> i32 {
+    match visibility {
+        Visibility::Public => pb::Visibility::Public as i32,
+        Visibility::InviteOnly => pb::Visibility::InviteOnly as i32,
+    }
+}
+
+fn room_to_pb(id: &str, shard: ShardId, room: &Room, viewer: &palaver_ids::UserName) -> pb::Room {
+    let can_see_bans = matches!(room.role_of(viewer), Some(Role::Admin | Role::Owner));
+    pb::Room {
+        room: id.to_owned(),
+        title: room.settings.title.clone(),
+        topic: room.settings.topic.clone(),
+        visibility: visibility_to_pb(room.settings.visibility),
+        members: room
+            .members
+            .iter()
+            .map(|(user, m)| pb::Member { user: user.0.clone(), role: role_to_pb(Some(m.role)), joined_at_ms: m.joined_at_ms })
+            .collect(),
+        banned: if can_see_bans { room.banned.keys().map(|u| u.0.clone()).collect() } else { Vec::new() },
+        shard: shard.0,
+        created_at_ms: room.created_at_ms,
+    }
+}
+
+fn ack(done: routing::Committed, shard: ShardId) -> pb::Ack {
+    pb::Ack { shard: shard.0, log_index: done.log_index }
+}
+
+/// `palaver.v1.ChatService`.
+#[derive(Debug)]
+struct ChatApi {
+    ops: Ops,
+}
+
+impl ChatApi {
+    fn user<T>(&self, request: &Request<T>) -> Result<palaver_ids::UserName, Status> {
+        Ok(self.ops.authenticate(bearer(request))?)
+    }
+
+    fn shard_of(&self, room: &str) -> ShardId {
+        self.ops.shard_of_room_name(room)
+    }
+}
+
+#[tonic::async_trait]
+impl ChatService for ChatApi {
+    async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let request = request.into_inner();
+        let user = self.ops.register(&request.user, &request.password).await?;
+        Ok(Response::new(pb::RegisterResponse { user: user.0 }))
+    }
+
+    async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
+        let request = request.into_inner();
+        let login = self.ops.login(&request.user, &request.password).await?;
+        Ok(Response::new(pb::LoginResponse { token: login.token, expires_at_ms: login.expires_at_ms }))
+    }
+
+    async fn create_room(&self, request: Request<pb::CreateRoomRequest>) -> Result<Response<pb::Room>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let settings = RoomSettings {
+            title: request.title,
+            topic: request.topic,
+            visibility: visibility_from_pb(request.visibility)?,
+        };
+        let (shard, room) = self.ops.create_room(&user, &request.room, settings).await?;
+        Ok(Response::new(room_to_pb(&request.room, shard, &room, &user)))
+    }
+
+    async fn get_room(&self, request: Request<pb::RoomRequest>) -> Result<Response<pb::Room>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let (shard, room) = self.ops.get_room(&user, &request.room).await?;
+        Ok(Response::new(room_to_pb(&request.room, shard, &room, &user)))
+    }
+
+    async fn list_rooms(&self, request: Request<pb::ListRoomsRequest>) -> Result<Response<pb::ListRoomsResponse>, Status> {
+        let user = self.user(&request)?;
+        let (rooms, unavailable_shards) = self.ops.list_rooms(&user).await?;
+        let rooms = rooms
+            .into_iter()
+            .map(|r| pb::RoomSummary {
+                room: r.room.0,
+                title: r.settings.title,
+                topic: r.settings.topic,
+                visibility: visibility_to_pb(r.settings.visibility),
+                member_count: r.member_count,
+                my_role: role_to_pb(r.my_role),
+            })
+            .collect();
+        Ok(Response::new(pb::ListRoomsResponse { rooms, unavailable_shards }))
+    }
+
+    async fn delete_room(&self, request: Request<pb::RoomRequest>) -> Result<Response<pb::Ack>, Status> {
+        let user = self.user(&request)?;
+        let room = request.into_inner().room;
+        let done = self.ops.delete_room(&user, &room).await?;
+        Ok(Response::new(ack(done, self.shard_of(&room))))
+    }
+
+    async fn update_room(&self, request: Request<pb::UpdateRoomRequest>) -> Result<Response<pb::Room>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let settings = RoomSettings {
+            title: request.title,
+            topic: request.topic,
+            visibility: visibility_from_pb(request.visibility)?,
+        };
+        let (shard, room) = self.ops.update_room(&user, &request.room, settings).await?;
+        Ok(Response::new(room_to_pb(&request.room, shard, &room, &user)))
+    }
+
+    async fn join(&self, request: Request<pb::RoomRequest>) -> Result<Response<pb::Ack>, Status> {
+        let user = self.user(&request)?;
+        let room = request.into_inner().room;
+        let done = self.ops.join(&user, &room).await?;
+        Ok(Response::new(ack(done, self.shard_of(&room))))
+    }
+
+    async fn invite(&self, request: Request<pb::TargetRequest>) -> Result<Response<pb::Ack>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let done = self.ops.act_on(&user, TargetAction::Invite, &request.room, &request.user).await?;
+        Ok(Response::new(ack(done, self.shard_of(&request.room))))
+    }
+
+    async fn leave(&self, request: Request<pb::RoomRequest>) -> Result<Response<pb::Ack>, Status> {
+        let user = self.user(&request)?;
+        let room = request.into_inner().room;
+        let done = self.ops.leave(&user, &room).await?;
+        Ok(Response::new(ack(done, self.shard_of(&room))))
+    }
+
+    async fn kick(&self, request: Request<pb::TargetRequest>) -> Result<Response<pb::Ack>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let done = self.ops.act_on(&user, TargetAction::Kick, &request.room, &request.user).await?;
+        Ok(Response::new(ack(done, self.shard_of(&request.room))))
+    }
+
+    async fn ban(&self, request: Request<pb::BanRequest>) -> Result<Response<pb::Ack>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let done = self.ops.ban(&user, &request.room, &request.user, &request.reason).await?;
+        Ok(Response::new(ack(done, self.shard_of(&request.room))))
+    }
+
+    async fn unban(&self, request: Request<pb::TargetRequest>) -> Result<Response<pb::Ack>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let done = self.ops.act_on(&user, TargetAction::Unban, &request.room, &request.user).await?;
+        Ok(Response::new(ack(done, self.shard_of(&request.room))))
+    }
+
+    async fn set_role(&self, request: Request<pb::SetRoleRequest>) -> Result<Response<pb::Ack>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let role = role_from_pb(request.role)?;
+        let done = self.ops.set_role(&user, &request.room, &request.user, role).await?;
+        Ok(Response::new(ack(done, self.shard_of(&request.room))))
+    }
+}
+
+/// `palaver.v1.AdminService`.
+#[derive(Debug)]
+struct AdminApi {
+    node: Arc<NodeInner>,
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        crate::cluster::refresh_view(&self.node).await;
+        let view = self.node.view().clone();
+        let nodes = view.nodes();
+        let reports = join_all(nodes.iter().map(|(id, addr)| {
+            let node = self.node.clone();
+            let (id, addr) = (*id, addr.clone());
+            async move {
+                if id == node.id {
+                    return (id, Some(local_status(&node)));
+                }
+                let Ok(link) = node.replicas.peers().link(&addr) else { return (id, None) };
+                let call = link.client().local_status(pb::LocalStatusRequest {});
+                match tokio::time::timeout(Duration::from_millis(STATUS_NODE_TIMEOUT_MS), call).await {
+                    Ok(Ok(reply)) => (id, Some(reply.into_inner())),
+                    _ => (id, None),
+                }
+            }
+        }))
+        .await;
+        let mut shards: BTreeMap<u32, pb::ShardStatus> = (0..=self.node.identity.shard_count)
+            .map(|s| {
+                let placement = view.placement(ShardId(s)).iter().map(|n| n.0).collect();
+                (s, pb::ShardStatus { shard: s, placement, ..Default::default() })
+            })
+            .collect();
+        let mut node_list = Vec::new();
+        for (id, report) in &reports {
+            node_list.push(pb::NodeStatus {
+                node_id: id.0,
+                grpc_addr: nodes.get(id).cloned().unwrap_or_default(),
+                reachable: report.is_some(),
+            });
+            for local in report.iter().flat_map(|r| r.shards.iter()) {
+                let Some(entry) = shards.get_mut(&local.shard) else { continue };
+                entry.replicas.extend(local.replicas.iter().cloned());
+                let is_leader = local.replicas.iter().any(|r| r.state == "leader");
+                if is_leader || local.term > entry.term {
+                    entry.term = local.term.max(entry.term);
+                    entry.leader = if is_leader { local.leader } else { entry.leader.max(local.leader) };
+                    entry.voters = local.voters.clone();
+                    entry.learners = local.learners.clone();
+                    entry.last_applied_index = local.last_applied_index;
+                }
+            }
+        }
+        Ok(Response::new(pb::StatusResponse {
+            cluster_id: self.node.identity.cluster_id.clone(),
+            answered_by: self.node.id.0,
+            nodes: node_list,
+            shards: shards.into_values().collect(),
+        }))
+    }
+}
+
+/// This node's report on each of its replicas.
+fn local_status(node: &NodeInner) -> pb::LocalStatusReply {
+    let shards = node
+        .replicas
+        .all()
+        .into_iter()
+        .map(|replica| {
+            let metrics = replica.raft.metrics().borrow_watched().clone();
+            let membership = metrics.membership_config.membership();
+            let state = match metrics.state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "shutdown",
+            };
+            let report = pb::ReplicaStatus {
+                node_id: node.id.0,
+                term: metrics.current_term,
+                leader: metrics.current_leader.unwrap_or(0),
+                last_applied_index: metrics.last_applied.as_ref().map_or(0, |id| id.index),
+                last_log_index: metrics.last_log_index.unwrap_or(0),
+                snapshot_index: metrics.snapshot.as_ref().map_or(0, |id| id.index),
+                state: state.to_owned(),
+            };
+            pb::ShardStatus {
+                shard: replica.shard.0,
+                voters: membership.voter_ids().collect(),
+                learners: membership.learner_ids().collect(),
+                leader: report.leader,
+                term: report.term,
+                last_applied_index: report.last_applied_index,
+                placement: Vec::new(),
+                replicas: vec![report],
+            }
+        })
+        .collect();
+    pb::LocalStatusReply { node_id: node.id.0, shards }
+}
+
+/// `palaver.v1.PeerService`.
+#[derive(Debug)]
+struct PeerApi {
+    node: Arc<NodeInner>,
+}
+
+impl PeerApi {
+    async fn replica_for(&self, shard: u32, create: bool) -> Result<palaver_shard::Replica, String> {
+        let shard = ShardId(shard);
+        if let Some(replica) = self.node.replicas.get(shard) {
+            return Ok(replica);
+        }
+        if !create || shard.0 > self.node.identity.shard_count {
+            return Err(format!("node {} holds no replica of shard {shard}", self.node.id));
+        }
+        // A leader is adding this node to the shard before our own reconcile started it.
+        self.node.replicas.ensure(shard).await.map_err(|e| e.to_string())
+    }
+
+    async fn raft_one(&self, message: pb::RaftMessage) -> Result<Vec<u8>, String> {
+        let kind = pb::RaftKind::try_from(message.kind).map_err(|_| "unknown raft kind".to_string())?;
+        let replica = self.replica_for(message.shard, kind == pb::RaftKind::Append).await?;
+        let raft = &replica.raft;
+        let frame = |e: palaver_shard::StorageError| e.to_string();
+        match kind {
+            pb::RaftKind::Append => {
+                let request = keys::decode(&message.payload).map_err(frame)?;
+                let response = raft.append_entries(request).await.map_err(|e| e.to_string())?;
+                keys::encode(&response).map_err(frame)
+            }
+            pb::RaftKind::Vote => {
+                let request = keys::decode(&message.payload).map_err(frame)?;
+                let response = raft.vote(request).await.map_err(|e| e.to_string())?;
+                keys::encode(&response).map_err(frame)
+            }
+            pb::RaftKind::PreVote => {
+                let request = keys::decode(&message.payload).map_err(frame)?;
+                let response = raft.pre_vote(request).await.map_err(|e| e.to_string())?;
+                keys::encode(&response).map_err(frame)
+            }
+            pb::RaftKind::TransferLeader => {
+                let request = keys::decode(&message.payload).map_err(frame)?;
+                let response = raft.handle_transfer_leader(request).await.map_err(|e| e.to_string())?;
+                keys::encode(&response).map_err(frame)
+            }
+            pb::RaftKind::Unspecified => Err("unspecified raft kind".into()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl PeerService for PeerApi {
+    async fn raft(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftBatchReply>, Status> {
+        let batch = request.into_inner();
+        let replies = join_all(batch.messages.into_iter().map(|m| self.raft_one(m))).await;
+        let replies = replies
+            .into_iter()
+            .map(|r| pb::RaftReply {
+                result: Some(match r {
+                    Ok(bytes) => pb::raft_reply::Result::Payload(bytes),
+                    Err(e) => pb::raft_reply::Result::Error(e),
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::RaftBatchReply { replies }))
+    }
+
+    async fn install_snapshot(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let request = request.into_inner();
+        let result = async {
+            let replica = self.replica_for(request.shard, true).await?;
+            let vote: Vote = keys::decode(&request.vote).map_err(|e| e.to_string())?;
+            let meta: SnapshotMeta = keys::decode(&request.meta).map_err(|e| e.to_string())?;
+            let snapshot = Snapshot { meta, snapshot: std::io::Cursor::new(request.data) };
+            let response = replica.raft.install_full_snapshot(vote, snapshot).await.map_err(|e| e.to_string())?;
+            keys::encode(&response).map_err(|e| e.to_string())
+        }
+        .await;
+        Ok(Response::new(pb::RaftReply {
+            result: Some(match result {
+                Ok(bytes) => pb::raft_reply::Result::Payload(bytes),
+                Err(e) => pb::raft_reply::Result::Error(e),
+            }),
+        }))
+    }
+
+    async fn forward(&self, request: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardReply>, Status> {
+        let request = request.into_inner();
+        let command: Command = keys::decode(&request.command)
+            .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
+        let reply = match routing::execute_local(&self.node, ShardId(request.shard), command).await {
+            Ok(done) => pb::ForwardReply {
+                result: Some(pb::forward_reply::Result::Outcome(
+                    keys::encode(&done.outcome).map_err(|e| Status::internal(e.to_string()))?,
+                )),
+                log_index: done.log_index,
+            },
+            Err(LocalError::NotLeader(hint)) => pb::ForwardReply {
+                result: Some(pb::forward_reply::Result::Redirect(routing::redirect(&self.node, hint, "not the leader"))),
+                log_index: 0,
+            },
+            Err(LocalError::Api(e)) => return Err(e.into()),
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
+        let request = request.into_inner();
+        let query = keys::decode(&request.query).map_err(|e| Status::invalid_argument(format!("malformed query: {e}")))?;
+        let result = match routing::read_local(&self.node, ShardId(request.shard), &query).await {
+            Ok(answer) => pb::read_reply::Result::Answer(keys::encode(&answer).map_err(|e| Status::internal(e.to_string()))?),
+            Err(LocalError::NotLeader(hint)) => {
+                pb::read_reply::Result::Redirect(routing::redirect(&self.node, hint, "not the leader"))
+            }
+            Err(LocalError::Api(e)) => return Err(e.into()),
+        };
+        Ok(Response::new(pb::ReadReply { result: Some(result) }))
+    }
+
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let request = request.into_inner();
+        if request.grpc_addr.is_empty() || request.grpc_addr.len() > 256 || request.grpc_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ApiError::invalid("grpc_addr", "must be an IP:port").into());
+        }
+        let command = Command::AddNode { grpc_addr: request.grpc_addr, at_ms: self.node.now_ms() };
+        let done = routing::submit(&self.node, ShardId::META, command).await?;
+        let Outcome::NodeAdded(node_id) = done.outcome else {
+            return Err(Status::failed_precondition(format!("join refused: {:?}", done.outcome)));
+        };
+        let identity = &self.node.identity;
+        Ok(Response::new(pb::JoinReply {
+            node_id: node_id.0,
+            cluster_id: identity.cluster_id.clone(),
+            token_secret: identity.token_secret.clone(),
+            shard_count: identity.shard_count,
+        }))
+    }
+
+    async fn cluster_map(&self, _request: Request<pb::ClusterMapRequest>) -> Result<Response<pb::ClusterMapReply>, Status> {
+        let view = self.node.view().clone();
+        let cluster = match &view.info {
+            Some(info) => keys::encode(info).map_err(|e| Status::internal(e.to_string()))?,
+            None => Vec::new(),
+        };
+        Ok(Response::new(pb::ClusterMapReply { cluster, applied_index: view.applied_index }))
+    }
+
+    async fn local_status(&self, _request: Request<pb::LocalStatusRequest>) -> Result<Response<pb::LocalStatusReply>, Status> {
+        Ok(Response::new(local_status(&self.node)))
+    }
+}

@@ -1,0 +1,45 @@
+//! # palaver-node: a palaver node
+//!
+//! A node is one process: one RocksDB ([`palaver_shard::RocksEngine`]) holding every shard
+//! replica the node runs, the gRPC surfaces clients and peers talk to, and the background work
+//! that keeps shard groups where placement wants them. Every node is an equal peer: any node
+//! accepts any client call and routes it to the leader of the room's shard.
+//!
+//! ## Request path
+//! client -> [`grpc`] (`ChatService`) -> [`ops`] (validate, authenticate, pick the shard by
+//! hashing) -> [`routing`] (to the shard's leader: local, or `PeerService.Forward` with
+//! redirects) -> openraft `client_write` -> the shard's log (fsynced by the node's group-commit
+//! thread) -> replicated over [`peer`] links ([`raft_network`]) -> applied by every replica ->
+//! outcome back along the same path.
+//!
+//! ## Modules
+//! - [`node`]: [`Node::start`] / [`Node::shutdown`], bootstrap (init or join), background loop.
+//! - [`cluster`]: persisted identity, the cluster view, placement reconciliation.
+//! - [`replicas`]: the replicas this node runs.
+//! - [`routing`], [`query`]: commands and reads to the shard leader.
+//! - [`ops`]: client operations, written once for every surface.
+//! - [`grpc`]: the tonic services; [`peer`], [`raft_network`]: node-to-node traffic.
+//! - [`auth`], [`limits`], [`error`]: passwords and tokens, input limits, error codes.
+//! - [`env`]: clock, randomness and dialer, injected.
+//!
+//! ## Non-goals (for now)
+//! The CRDT plane (messages), the DHT routing plane, WebSocket/HTTP surfaces and metrics come
+//! with their own issues; so do draining nodes and removing replicas from retired nodes.
+
+pub mod auth;
+pub mod cluster;
+pub mod env;
+pub mod error;
+pub mod grpc;
+pub mod limits;
+pub mod node;
+pub mod ops;
+pub mod peer;
+pub mod query;
+pub mod raft_network;
+pub mod replicas;
+pub mod routing;
+
+pub use env::{Clock, Dialer, NodeEnv, SharedRng, SystemClock, TcpDialer};
+pub use error::ApiError;
+pub use node::{Bootstrap, Node, NodeConfig, NodeError};

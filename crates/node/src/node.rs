@@ -1,0 +1,353 @@
+//! A palaver node: one engine, the replicas it runs, its gRPC surfaces, its background work.
+//!
+//! [`Node::start`] takes everything from its caller — the engine, the bound listener, the
+//! environment ([`NodeEnv`]: clock, randomness, dialer) — so tests and the simulator run real
+//! nodes in-process; the `palaver` binary is a thin shell over it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use palaver_ids::{NodeId, ShardId};
+use palaver_proto::v1::JoinRequest;
+use palaver_router::ShardRing;
+use palaver_shard::types::RaftNode;
+use palaver_shard::{Command, GroupCommit, KvEngine, Outcome, Refusal, ReplicaOptions};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::auth::TokenSigner;
+use crate::cluster::{self, ClusterView, MEMBERSHIP_CHANGES_IN_FLIGHT_MAX, NodeIdentity, RECONCILE_INTERVAL_MS};
+use crate::env::NodeEnv;
+use crate::error::ApiError;
+use crate::peer::Peers;
+use crate::replicas::ReplicaSet;
+
+/// How a node without an identity becomes part of a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Create a new cluster with this many data shards; this node becomes node 1.
+    InitCluster {
+        /// Number of data shards (fixed for the cluster's life).
+        shard_count: u32,
+    },
+    /// Join the cluster that the node at this gRPC address belongs to.
+    Join {
+        /// Any running node's gRPC address.
+        seed: String,
+    },
+    /// Resume from the data directory; fail if it holds no identity.
+    Resume,
+}
+
+/// A node's settings.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Where the data lives (for logs and messages; the engine is passed separately).
+    pub data_dir: PathBuf,
+    /// The gRPC address peers and clients use to reach this node (`host:port`).
+    pub advertise_addr: String,
+    /// How to join a cluster on first start (ignored once the node has an identity).
+    pub bootstrap: Bootstrap,
+    /// Replica tunables.
+    pub replica: ReplicaOptions,
+}
+
+/// Errors that stop a node from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The data directory holds no identity and no way to get one was given.
+    #[error("{0}")]
+    NoIdentity(String),
+    /// Joining or initializing the cluster failed.
+    #[error("bootstrap failed: {0}")]
+    Bootstrap(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Storage(#[from] palaver_shard::StorageError),
+    /// A replica did not start.
+    #[error(transparent)]
+    Replica(#[from] palaver_shard::StartError),
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Server(String),
+}
+
+/// Shared state of a running node, used by its services and background tasks.
+#[derive(Debug)]
+pub struct NodeInner {
+    /// This node's id.
+    pub id: NodeId,
+    /// Its persisted identity.
+    pub identity: NodeIdentity,
+    /// Where peers and clients reach it.
+    pub advertise_addr: String,
+    /// Clock, randomness, dialer.
+    pub env: NodeEnv,
+    /// The replicas it runs.
+    pub replicas: ReplicaSet,
+    /// Room and user -> shard.
+    pub ring: ShardRing,
+    /// Signs and verifies login tokens.
+    pub signer: TokenSigner,
+    /// Addresses to ask for the cluster map before the view knows any node.
+    pub seeds: Vec<String>,
+    view: RwLock<ClusterView>,
+    leader_hints: Mutex<BTreeMap<ShardId, NodeId>>,
+    membership_changes: Mutex<BTreeSet<ShardId>>,
+}
+
+impl NodeInner {
+    /// The cluster view.
+    pub fn view(&self) -> RwLockReadGuard<'_, ClusterView> {
+        self.view.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn view_mut(&self) -> RwLockWriteGuard<'_, ClusterView> {
+        self.view.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The last leader seen for `shard`.
+    pub fn leader_hint(&self, shard: ShardId) -> Option<NodeId> {
+        self.leader_hints.lock().unwrap_or_else(|p| p.into_inner()).get(&shard).copied()
+    }
+
+    /// Remember (or forget) the leader of `shard`.
+    pub fn set_leader_hint(&self, shard: ShardId, leader: Option<NodeId>) {
+        let mut hints = self.leader_hints.lock().unwrap_or_else(|p| p.into_inner());
+        match leader {
+            Some(leader) => hints.insert(shard, leader),
+            None => hints.remove(&shard),
+        };
+    }
+
+    pub(crate) fn begin_membership_change(&self, shard: ShardId) -> bool {
+        let mut changes = self.membership_changes.lock().unwrap_or_else(|p| p.into_inner());
+        if changes.len() >= MEMBERSHIP_CHANGES_IN_FLIGHT_MAX {
+            return false;
+        }
+        changes.insert(shard)
+    }
+
+    pub(crate) fn end_membership_change(&self, shard: ShardId) {
+        self.membership_changes.lock().unwrap_or_else(|p| p.into_inner()).remove(&shard);
+    }
+
+    /// Milliseconds since the Unix epoch, from the injected clock.
+    pub fn now_ms(&self) -> u64 {
+        self.env.clock.now_ms()
+    }
+}
+
+/// A running node. Dropping it does not stop it; call [`Node::shutdown`].
+#[derive(Debug)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    local_addr: std::net::SocketAddr,
+}
+
+impl Node {
+    /// Start a node on `engine`, serving on `listener`.
+    pub async fn start(
+        config: NodeConfig,
+        env: NodeEnv,
+        engine: Arc<dyn KvEngine>,
+        listener: TcpListener,
+    ) -> Result<Node, NodeError> {
+        let local_addr = listener.local_addr().map_err(|e| NodeError::Server(e.to_string()))?;
+        let group_commit = GroupCommit::start(engine.clone());
+        let identity = NodeIdentity::load(engine.as_ref())?;
+        let mut seeds = Vec::new();
+        let (identity, replicas) = match (identity, &config.bootstrap) {
+            (Some(identity), _) => {
+                let peers = Arc::new(Peers::new(identity.node_id.0, env.dialer.clone()));
+                let replicas = ReplicaSet::new(identity.node_id, engine.clone(), group_commit, peers, config.replica);
+                replicas.restore(identity.shard_count).await?;
+                tracing::info!(node = %identity.node_id, "resumed from the data directory");
+                (identity, replicas)
+            }
+            (None, Bootstrap::InitCluster { shard_count }) => {
+                init_cluster(&config, &env, engine.clone(), group_commit, *shard_count).await?
+            }
+            (None, Bootstrap::Join { seed }) => {
+                seeds.push(seed.clone());
+                let identity = join_cluster(&config, &env, seed).await?;
+                identity.store(engine.as_ref())?;
+                let peers = Arc::new(Peers::new(identity.node_id.0, env.dialer.clone()));
+                let replicas = ReplicaSet::new(identity.node_id, engine.clone(), group_commit, peers, config.replica);
+                (identity, replicas)
+            }
+            (None, Bootstrap::Resume) => {
+                return Err(NodeError::NoIdentity(format!(
+                    "{} holds no node: start with --init-cluster or --join",
+                    config.data_dir.display()
+                )));
+            }
+        };
+        let inner = Arc::new(NodeInner {
+            id: identity.node_id,
+            ring: ShardRing::new(identity.shard_count),
+            signer: TokenSigner::new(identity.token_secret.clone()),
+            identity,
+            advertise_addr: config.advertise_addr.clone(),
+            env,
+            replicas,
+            seeds,
+            view: RwLock::new(ClusterView::default()),
+            leader_hints: Mutex::new(BTreeMap::new()),
+            membership_changes: Mutex::new(BTreeSet::new()),
+        });
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(crate::grpc::serve(inner.clone(), listener, stopped.clone())));
+        tasks.push(tokio::spawn(reconcile_loop(inner.clone(), stopped)));
+        tracing::info!(node = %inner.id, addr = %inner.advertise_addr, "node started");
+        Ok(Node { inner, stop, tasks, local_addr })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.local_addr
+    }
+
+    /// Shared state, for in-process callers (tests, the simulator).
+    pub fn inner(&self) -> &Arc<NodeInner> {
+        &self.inner
+    }
+
+    /// Stop serving, stop background work, stop every replica.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.inner.replicas.shutdown().await;
+        self.inner.replicas.peers().close();
+        tracing::info!(node = %self.inner.id, "node stopped");
+    }
+}
+
+async fn reconcile_loop(node: Arc<NodeInner>, mut stopped: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(RECONCILE_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => cluster::reconcile_once(&node).await,
+            _ = stopped.changed() => return,
+        }
+    }
+}
+
+/// Create a cluster: this node becomes node 1, every shard group starts with it as sole voter,
+/// and the meta group commits the cluster record. Safe to repeat after a crash half-way.
+async fn init_cluster(
+    config: &NodeConfig,
+    env: &NodeEnv,
+    engine: Arc<dyn KvEngine>,
+    group_commit: GroupCommit,
+    shard_count: u32,
+) -> Result<(NodeIdentity, ReplicaSet), NodeError> {
+    if !(1..=palaver_router::SHARD_COUNT_MAX).contains(&shard_count) {
+        return Err(NodeError::Bootstrap(format!(
+            "--shards must be 1 to {}, got {shard_count}",
+            palaver_router::SHARD_COUNT_MAX
+        )));
+    }
+    let node_id = NodeId(1);
+    let peers = Arc::new(Peers::new(node_id.0, env.dialer.clone()));
+    let replicas = ReplicaSet::new(node_id, engine.clone(), group_commit, peers, config.replica);
+    let members = BTreeMap::from([(node_id.0, RaftNode { addr: config.advertise_addr.clone() })]);
+    for shard in (0..=shard_count).map(ShardId) {
+        let replica = replicas.ensure(shard).await?;
+        if let Err(e) = replica.raft.initialize(members.clone()).await {
+            // Already initialized: a repeated --init-cluster after a crash half-way.
+            tracing::debug!(%shard, error = %e, "initialize skipped");
+        }
+    }
+    let meta = replicas.ensure(ShardId::META).await?;
+    let init = Command::InitCluster {
+        cluster_id: hex(&env.rng.bytes(8)),
+        token_secret: env.rng.bytes(32),
+        shard_count,
+    };
+    let write = |command: Command| {
+        let raft = meta.raft.clone();
+        async move {
+            raft.client_write(command).await.map(|r| r.data).map_err(|e| NodeError::Bootstrap(e.to_string()))
+        }
+    };
+    match write(init).await? {
+        Outcome::Done | Outcome::Refused(Refusal::AlreadyInitialized) => {}
+        other => return Err(NodeError::Bootstrap(format!("InitCluster: {other:?}"))),
+    }
+    let add = Command::AddNode { grpc_addr: config.advertise_addr.clone(), at_ms: env.clock.now_ms() };
+    match write(add).await? {
+        Outcome::NodeAdded(id) if id == node_id => {}
+        other => return Err(NodeError::Bootstrap(format!("AddNode for the first node: {other:?}"))),
+    }
+    let info = meta
+        .state
+        .read()
+        .meta
+        .cluster()
+        .cloned()
+        .ok_or_else(|| NodeError::Bootstrap("cluster record missing after InitCluster".into()))?;
+    let identity = NodeIdentity {
+        node_id,
+        cluster_id: info.cluster_id,
+        token_secret: info.token_secret,
+        shard_count: info.shard_count,
+    };
+    identity.store(engine.as_ref())?;
+    tracing::info!(cluster = %identity.cluster_id, shards = shard_count, "cluster initialized");
+    Ok((identity, replicas))
+}
+
+/// Time a joining node keeps retrying its seed.
+pub const JOIN_DEADLINE_MS: u64 = 30_000;
+
+async fn join_cluster(config: &NodeConfig, env: &NodeEnv, seed: &str) -> Result<NodeIdentity, NodeError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(JOIN_DEADLINE_MS);
+    let mut last_error = String::new();
+    while tokio::time::Instant::now() < deadline {
+        let channel = env.dialer.channel(seed).map_err(NodeError::Bootstrap)?;
+        let mut client = palaver_proto::v1::peer_service_client::PeerServiceClient::new(channel);
+        match client.join(JoinRequest { grpc_addr: config.advertise_addr.clone() }).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                tracing::info!(node = reply.node_id, %seed, "joined the cluster");
+                return Ok(NodeIdentity {
+                    node_id: NodeId(reply.node_id),
+                    cluster_id: reply.cluster_id,
+                    token_secret: reply.token_secret,
+                    shard_count: reply.shard_count,
+                });
+            }
+            Err(status) => {
+                last_error = status.message().to_owned();
+                tracing::info!(%seed, error = %last_error, "join not accepted yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    Err(NodeError::Bootstrap(format!("could not join through {seed}: {last_error}")))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl From<NodeError> for ApiError {
+    fn from(error: NodeError) -> Self {
+        ApiError::Internal(error.to_string())
+    }
+}

@@ -1,0 +1,51 @@
+//! A node started in-process on the in-memory engine with an injected clock: the seams the
+//! simulator uses, and the way to test token expiry without waiting a day.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use palaver_node::{Bootstrap, Clock, Node, NodeConfig, NodeEnv, SharedRng, TcpDialer};
+use palaver_proto::v1::chat_service_client::ChatServiceClient;
+use palaver_proto::v1::{CreateRoomRequest, RoomRequest};
+use palaver_shard::{MemEngine, ReplicaOptions};
+
+use crate::harness::{authed, code, user};
+
+#[derive(Debug)]
+struct ManualClock(AtomicU64);
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_refused_and_a_fresh_login_works() {
+    let clock = Arc::new(ManualClock(AtomicU64::new(1_700_000_000_000)));
+    let env = NodeEnv { clock: clock.clone(), dialer: Arc::new(TcpDialer), rng: SharedRng::seeded(7) };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let config = NodeConfig {
+        data_dir: std::env::temp_dir(),
+        advertise_addr: addr.clone(),
+        bootstrap: Bootstrap::InitCluster { shard_count: 2 },
+        replica: ReplicaOptions::default(),
+    };
+    let node = Node::start(config, env, Arc::new(MemEngine::new()), listener).await.expect("start");
+    let mut client = ChatServiceClient::connect(format!("http://{addr}")).await.expect("connect");
+    let token = user(&mut client, "olga").await;
+    client
+        .create_room(authed(CreateRoomRequest { room: "clock".into(), ..Default::default() }, &token))
+        .await
+        .expect("fresh token works");
+
+    clock.0.fetch_add(palaver_node::auth::TOKEN_TTL_MS, Ordering::SeqCst);
+    let expired = client.get_room(authed(RoomRequest { room: "clock".into() }, &token)).await.expect_err("expired");
+    assert_eq!(code(&expired), "unauthenticated");
+    assert!(expired.message().contains("expired"), "{expired:?}");
+
+    let fresh = crate::harness::login(&mut client, "olga").await;
+    client.get_room(authed(RoomRequest { room: "clock".into() }, &fresh)).await.expect("new token works");
+    node.shutdown().await;
+}

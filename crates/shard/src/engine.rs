@@ -1,0 +1,400 @@
+//! The key-value engine under every shard of a node: one trait, two implementations.
+//!
+//! A node keeps all of its shards in one engine (one RocksDB per node); keys start with the
+//! shard id (see [`crate::keys`]). The trait is deliberately small — point reads, ordered range
+//! scans, atomic write batches and an explicit [`KvEngine::sync`] — so that:
+//!
+//! - [`RocksEngine`] is the real one: column families by purpose, writes go to the WAL
+//!   without a per-write fsync, and `sync` fsyncs the WAL once for every write before it. That is
+//!   what lets many appends from many shards share one fsync (group commit, see
+//!   [`crate::log_store`]).
+//! - [`MemEngine`] keeps ordered maps in memory for the simulator and fast tests.
+//!
+//! Both pass the same behaviour tests (`tests` below). Non-goals: iterators that outlive a call,
+//! snapshots/transactions across calls (a shard's state machine is in memory; the engine stores
+//! its log, its vote and its snapshots).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Mutex;
+
+use crate::error::StorageError;
+
+/// A column family: keys of one purpose. Names are stored on disk; never rename one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cf {
+    /// Raft log entries: `shard | index`.
+    RaftLog,
+    /// Raft vote, committed and purged log ids: `shard | tag`.
+    RaftState,
+    /// The latest state machine snapshot of each shard: `shard | tag`.
+    Snapshot,
+    /// This node's own identity: its node id and the cluster it belongs to.
+    Node,
+}
+
+impl Cf {
+    /// Every column family, in a fixed order.
+    pub const ALL: [Cf; 4] = [Cf::RaftLog, Cf::RaftState, Cf::Snapshot, Cf::Node];
+
+    /// The column family's name on disk.
+    pub fn name(self) -> &'static str {
+        match self {
+            Cf::RaftLog => "raft_log",
+            Cf::RaftState => "raft_state",
+            Cf::Snapshot => "snapshot",
+            Cf::Node => "node",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One change in a [`WriteBatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOp {
+    /// Set `key` to `value`.
+    Put {
+        /// Column family.
+        cf: Cf,
+        /// Key.
+        key: Vec<u8>,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Remove `key`.
+    Delete {
+        /// Column family.
+        cf: Cf,
+        /// Key.
+        key: Vec<u8>,
+    },
+    /// Remove every key in `[from, to)`.
+    DeleteRange {
+        /// Column family.
+        cf: Cf,
+        /// First key removed.
+        from: Vec<u8>,
+        /// First key kept.
+        to: Vec<u8>,
+    },
+}
+
+/// Changes applied atomically by [`KvEngine::write`]: all of them or none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    ops: Vec<WriteOp>,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Set `key` to `value`.
+    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push(WriteOp::Put { cf, key: key.into(), value: value.into() });
+    }
+
+    /// Remove `key`.
+    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
+        self.ops.push(WriteOp::Delete { cf, key: key.into() });
+    }
+
+    /// Remove every key in `[from, to)`.
+    pub fn delete_range(&mut self, cf: Cf, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) {
+        self.ops.push(WriteOp::DeleteRange { cf, from: from.into(), to: to.into() });
+    }
+
+    /// Whether the batch holds no change.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// The changes, in order.
+    pub fn ops(&self) -> &[WriteOp] {
+        &self.ops
+    }
+}
+
+/// A key and its value, as returned by scans.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// The storage engine of a node. Implementations are shared by all shards of the node.
+pub trait KvEngine: Send + Sync + fmt::Debug + 'static {
+    /// The value of `key`, if any.
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// Apply `batch` atomically. Not durable until the next [`KvEngine::sync`] returns.
+    fn write(&self, batch: WriteBatch) -> Result<(), StorageError>;
+
+    /// Make every write that returned before this call durable (fsync).
+    fn sync(&self) -> Result<(), StorageError>;
+
+    /// Up to `limit` entries with `from <= key < to`, ascending.
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError>;
+
+    /// Up to `limit` entries with `from <= key < to`, descending.
+    fn scan_rev(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize)
+    -> Result<Vec<KeyValue>, StorageError>;
+}
+
+/// The real engine: one RocksDB with a column family per [`Cf`].
+pub struct RocksEngine {
+    db: rocksdb::DB,
+}
+
+impl fmt::Debug for RocksEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RocksEngine").field("path", &self.db.path()).finish()
+    }
+}
+
+impl RocksEngine {
+    /// Open (or create) the database at `path`, with every column family.
+    pub fn open(path: &Path) -> Result<Self, StorageError> {
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Small memtables: a node holds many shards, but each is small.
+        options.set_write_buffer_size(16 << 20);
+        options.set_max_background_jobs(2);
+        let families = Cf::ALL.iter().map(|cf| {
+            let mut cf_options = rocksdb::Options::default();
+            cf_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            rocksdb::ColumnFamilyDescriptor::new(cf.name(), cf_options)
+        });
+        let db = rocksdb::DB::open_cf_descriptors(&options, path, families)
+            .map_err(|e| StorageError::io(format!("open rocksdb at {}: {e}", path.display())))?;
+        Ok(Self { db })
+    }
+
+    fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily, StorageError> {
+        self.db
+            .cf_handle(cf.name())
+            .ok_or_else(|| StorageError::corrupt(format!("column family {} missing", cf.name())))
+    }
+
+    fn collect(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<KeyValue>, StorageError> {
+        let handle = self.cf(cf)?;
+        let mut out = Vec::new();
+        if from >= to || limit == 0 {
+            return Ok(out);
+        }
+        let mode = if reverse {
+            rocksdb::IteratorMode::From(to, rocksdb::Direction::Reverse)
+        } else {
+            rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward)
+        };
+        let mut read_options = rocksdb::ReadOptions::default();
+        read_options.set_iterate_lower_bound(from.to_vec());
+        read_options.set_iterate_upper_bound(to.to_vec());
+        for item in self.db.iterator_cf_opt(handle, read_options, mode) {
+            let (key, value) = item.map_err(|e| StorageError::io(format!("scan {}: {e}", cf.name())))?;
+            if key.as_ref() < from || key.as_ref() >= to {
+                continue;
+            }
+            out.push((key.into_vec(), value.into_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl KvEngine for RocksEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.db
+            .get_cf(self.cf(cf)?, key)
+            .map_err(|e| StorageError::io(format!("get from {}: {e}", cf.name())))
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        let mut rocks_batch = rocksdb::WriteBatch::default();
+        for op in batch.ops {
+            match op {
+                WriteOp::Put { cf, key, value } => rocks_batch.put_cf(self.cf(cf)?, key, value),
+                WriteOp::Delete { cf, key } => rocks_batch.delete_cf(self.cf(cf)?, key),
+                WriteOp::DeleteRange { cf, from, to } => rocks_batch.delete_range_cf(self.cf(cf)?, from, to),
+            }
+        }
+        let mut write_options = rocksdb::WriteOptions::default();
+        write_options.set_sync(false);
+        self.db
+            .write_opt(rocks_batch, &write_options)
+            .map_err(|e| StorageError::io(format!("write batch: {e}")))
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        self.db.flush_wal(true).map_err(|e| StorageError::io(format!("fsync wal: {e}")))
+    }
+
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
+        self.collect(cf, from, to, limit, false)
+    }
+
+    fn scan_rev(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageError> {
+        self.collect(cf, from, to, limit, true)
+    }
+}
+
+/// An in-memory engine: ordered maps behind a mutex. `sync` does nothing.
+#[derive(Debug, Default)]
+pub struct MemEngine {
+    families: Mutex<[BTreeMap<Vec<u8>, Vec<u8>>; Cf::ALL.len()]>,
+}
+
+impl MemEngine {
+    /// An empty engine.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, [BTreeMap<Vec<u8>, Vec<u8>>; 4]>, StorageError> {
+        self.families.lock().map_err(|_| StorageError::io("memory engine lock poisoned"))
+    }
+}
+
+impl KvEngine for MemEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.lock()?[cf.index()].get(key).cloned())
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        let mut families = self.lock()?;
+        for op in batch.ops {
+            match op {
+                WriteOp::Put { cf, key, value } => {
+                    families[cf.index()].insert(key, value);
+                }
+                WriteOp::Delete { cf, key } => {
+                    families[cf.index()].remove(&key);
+                }
+                WriteOp::DeleteRange { cf, from, to } => {
+                    if from < to {
+                        let doomed: Vec<Vec<u8>> =
+                            families[cf.index()].range(from..to).map(|(k, _)| k.clone()).collect();
+                        for key in doomed {
+                            families[cf.index()].remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let families = self.lock()?;
+        Ok(families[cf.index()]
+            .range(from.to_vec()..to.to_vec())
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn scan_rev(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StorageError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let families = self.lock()?;
+        Ok(families[cf.index()]
+            .range(from.to_vec()..to.to_vec())
+            .rev()
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The behaviour both engines must share.
+    fn engine_contract(engine: &dyn KvEngine) {
+        let mut batch = WriteBatch::new();
+        for i in 0u8..10 {
+            batch.put(Cf::RaftLog, vec![1, i], vec![i]);
+        }
+        batch.put(Cf::RaftState, b"vote".to_vec(), b"v1".to_vec());
+        engine.write(batch).expect("write");
+        engine.sync().expect("sync");
+
+        assert_eq!(engine.get(Cf::RaftState, b"vote").expect("get"), Some(b"v1".to_vec()));
+        assert_eq!(engine.get(Cf::RaftLog, b"vote").expect("get"), None, "families are separate");
+
+        let forward = engine.scan(Cf::RaftLog, &[1, 2], &[1, 5], 100).expect("scan");
+        assert_eq!(forward.iter().map(|(k, _)| k[1]).collect::<Vec<_>>(), vec![2, 3, 4]);
+        let limited = engine.scan(Cf::RaftLog, &[1], &[2], 3).expect("scan");
+        assert_eq!(limited.len(), 3);
+        let backward = engine.scan_rev(Cf::RaftLog, &[1, 2], &[1, 5], 2).expect("scan_rev");
+        assert_eq!(backward.iter().map(|(k, _)| k[1]).collect::<Vec<_>>(), vec![4, 3]);
+        assert!(engine.scan(Cf::RaftLog, &[1, 5], &[1, 5], 10).expect("empty").is_empty());
+
+        let mut batch = WriteBatch::new();
+        batch.delete_range(Cf::RaftLog, vec![1, 0], vec![1, 8]);
+        batch.delete(Cf::RaftState, b"vote".to_vec());
+        engine.write(batch).expect("delete");
+        let rest = engine.scan(Cf::RaftLog, &[0], &[255], 100).expect("scan");
+        assert_eq!(rest.iter().map(|(k, _)| k[1]).collect::<Vec<_>>(), vec![8, 9]);
+        assert_eq!(engine.get(Cf::RaftState, b"vote").expect("get"), None);
+    }
+
+    #[test]
+    fn memory_engine_meets_the_contract() {
+        engine_contract(&MemEngine::new());
+    }
+
+    #[test]
+    fn rocksdb_engine_meets_the_contract() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        engine_contract(&RocksEngine::open(dir.path()).expect("open"));
+    }
+
+    #[test]
+    fn rocksdb_engine_keeps_synced_writes_across_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let engine = RocksEngine::open(dir.path()).expect("open");
+            let mut batch = WriteBatch::new();
+            batch.put(Cf::Node, b"node_id".to_vec(), b"7".to_vec());
+            engine.write(batch).expect("write");
+            engine.sync().expect("sync");
+        }
+        let engine = RocksEngine::open(dir.path()).expect("reopen");
+        assert_eq!(engine.get(Cf::Node, b"node_id").expect("get"), Some(b"7".to_vec()));
+    }
+}

@@ -1,0 +1,214 @@
+//! openraft's log storage for one shard, in the node's shared key-value engine.
+//!
+//! Every key starts with the shard id (see [`crate::keys`]), so all shards of a node share one
+//! RocksDB. Appends are written to the engine without an fsync and handed to the node's
+//! [`GroupCommit`] thread, which fsyncs the WAL once for everything queued since its last fsync
+//! and only then tells openraft that the entries are persisted. Many shards appending at once
+//! therefore share one fsync; no append is ever reported durable before it is.
+//!
+//! Votes are fsynced before `save_vote` returns (a vote must survive a crash before it is
+//! sent). The committed log id is written without an fsync: after a crash it may be behind,
+//! which only delays re-applying entries the leader commits again.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use openraft::storage::{LogState, RaftLogReader, RaftLogStorage};
+use openraft::{OptionalSend, entry::RaftEntry};
+use palaver_ids::ShardId;
+
+use crate::engine::{Cf, KvEngine, WriteBatch};
+use crate::error::StorageError;
+use crate::keys::{self, RaftStateTag};
+use crate::types::{Entry, IoFlushed, LogId, TypeConfig, Vote};
+
+/// Most entries read by one `try_get_log_entries` call: unbounded, because openraft bounds its
+/// own requests (`max_payload_entries`) and expects every entry of the range it asks for.
+pub const LOG_READ_ENTRIES_MAX: usize = usize::MAX;
+
+/// The node-wide group-commit thread: fsyncs the engine once per batch of queued appends.
+///
+/// Cloning shares the thread; it exits when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct GroupCommit {
+    queue: mpsc::Sender<IoFlushed>,
+}
+
+impl GroupCommit {
+    /// Start the thread for `engine`.
+    pub fn start(engine: Arc<dyn KvEngine>) -> Self {
+        let (queue, pending) = mpsc::channel::<IoFlushed>();
+        std::thread::Builder::new()
+            .name("palaver-group-commit".into())
+            .spawn(move || Self::run(engine, pending))
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the group-commit thread"));
+        Self { queue }
+    }
+
+    fn run(engine: Arc<dyn KvEngine>, pending: mpsc::Receiver<IoFlushed>) {
+        while let Ok(first) = pending.recv() {
+            let mut batch = vec![first];
+            batch.extend(pending.try_iter());
+            let result = engine.sync();
+            for callback in batch {
+                callback.io_completed(result.clone().map_err(std::io::Error::from));
+            }
+        }
+    }
+
+    /// Report `callback` once everything written so far is durable.
+    fn flush_then(&self, callback: IoFlushed) {
+        if let Err(mpsc::SendError(callback)) = self.queue.send(callback) {
+            callback.io_completed(Err(std::io::Error::other("group-commit thread has stopped")));
+        }
+    }
+}
+
+/// One shard's Raft log and vote.
+#[derive(Debug, Clone)]
+pub struct ShardLogStore {
+    shard: ShardId,
+    engine: Arc<dyn KvEngine>,
+    group_commit: GroupCommit,
+}
+
+impl ShardLogStore {
+    /// The log of `shard` in `engine`, made durable through `group_commit`.
+    pub fn new(shard: ShardId, engine: Arc<dyn KvEngine>, group_commit: GroupCommit) -> Self {
+        Self { shard, engine, group_commit }
+    }
+
+    fn read_state<T: serde::de::DeserializeOwned>(&self, tag: RaftStateTag) -> Result<Option<T>, StorageError> {
+        self.engine
+            .get(Cf::RaftState, &keys::raft_state_key(self.shard, tag))?
+            .map(|bytes| keys::decode(&bytes))
+            .transpose()
+    }
+
+    fn write_state<T: serde::Serialize>(&self, tag: RaftStateTag, value: &T) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::new();
+        batch.put(Cf::RaftState, keys::raft_state_key(self.shard, tag).to_vec(), keys::encode(value)?);
+        self.engine.write(batch)
+    }
+
+    fn last_entry(&self) -> Result<Option<Entry>, StorageError> {
+        let from = keys::log_key(self.shard, 0);
+        let last = self.engine.scan_rev(Cf::RaftLog, &from, &keys::log_end(self.shard), 1)?;
+        last.first().map(|(_, value)| keys::decode(value)).transpose()
+    }
+
+    /// Whether this shard has any Raft state in the engine (a vote or a log).
+    pub fn exists(&self) -> Result<bool, StorageError> {
+        Ok(self.read_state::<Vote>(RaftStateTag::Vote)?.is_some() || self.last_entry()?.is_some())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for ShardLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, std::io::Error> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => keys::log_key(self.shard, *i).to_vec().into_iter().chain([0]).collect(),
+            Bound::Excluded(i) => keys::log_key(self.shard, *i).to_vec(),
+            Bound::Unbounded => keys::log_end(self.shard),
+        };
+        let rows = self.engine.scan(Cf::RaftLog, &keys::log_key(self.shard, start), &end, LOG_READ_ENTRIES_MAX)?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for (key, value) in rows {
+            let index = keys::log_index_of(&key)?;
+            let entry: Entry = keys::decode(&value)?;
+            if entry.index() != index {
+                return Err(StorageError::corrupt(format!(
+                    "shard {} log key {index} holds entry {}",
+                    self.shard,
+                    entry.index()
+                ))
+                .into());
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, std::io::Error> {
+        Ok(self.read_state(RaftStateTag::Vote)?)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for ShardLogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, std::io::Error> {
+        let last_purged_log_id: Option<LogId> = self.read_state(RaftStateTag::LastPurged)?;
+        let last_log_id = match self.last_entry()? {
+            Some(entry) => Some(entry.log_id()),
+            None => last_purged_log_id.clone(),
+        };
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), std::io::Error> {
+        self.write_state(RaftStateTag::Vote, vote)?;
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || engine.sync())
+            .await
+            .map_err(|e| std::io::Error::other(format!("vote fsync task: {e}")))??;
+        Ok(())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), std::io::Error> {
+        Ok(self.write_state(RaftStateTag::Committed, &committed)?)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, std::io::Error> {
+        Ok(self.read_state::<Option<LogId>>(RaftStateTag::Committed)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IoFlushed) -> Result<(), std::io::Error>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::new();
+        for entry in entries {
+            batch.put(Cf::RaftLog, keys::log_key(self.shard, entry.index()).to_vec(), keys::encode(&entry)?);
+        }
+        self.engine.write(batch)?;
+        self.group_commit.flush_then(callback);
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), std::io::Error> {
+        let from = last_log_id.map_or(0, |id| id.index().saturating_add(1));
+        let mut batch = WriteBatch::new();
+        batch.delete_range(Cf::RaftLog, keys::log_key(self.shard, from).to_vec(), keys::log_end(self.shard));
+        self.engine.write(batch)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), std::io::Error> {
+        let mut batch = WriteBatch::new();
+        batch.put(
+            Cf::RaftState,
+            keys::raft_state_key(self.shard, RaftStateTag::LastPurged).to_vec(),
+            keys::encode(&log_id)?,
+        );
+        let upto = keys::log_key(self.shard, log_id.index().saturating_add(1)).to_vec();
+        batch.delete_range(Cf::RaftLog, keys::log_key(self.shard, 0).to_vec(), upto);
+        self.engine.write(batch)?;
+        Ok(())
+    }
+}
