@@ -45,6 +45,11 @@ impl ReadMarkers {
         }
     }
 
+    /// Every marker, by user.
+    pub fn iter(&self) -> impl Iterator<Item = (&UserName, &Position)> {
+        self.markers.iter()
+    }
+
     /// `user`'s marker, if they have read anything.
     pub fn marker(&self, user: &UserName) -> Option<Position> {
         self.markers.get(user).copied()

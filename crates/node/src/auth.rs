@@ -58,8 +58,8 @@ impl TokenSigner {
     }
 
     fn mac(&self, body: &str) -> Result<Vec<u8>, ApiError> {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret)
-            .map_err(|e| ApiError::Internal(format!("hmac key: {e}")))?;
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.secret).map_err(|e| ApiError::Internal(format!("hmac key: {e}")))?;
         mac.update(body.as_bytes());
         Ok(mac.finalize().into_bytes().to_vec())
     }
@@ -87,8 +87,8 @@ impl TokenSigner {
             return Err(bad("unknown version"));
         }
         let mac = URL_SAFE_NO_PAD.decode(mac).map_err(|_| bad("malformed signature"))?;
-        let mut check = Hmac::<Sha256>::new_from_slice(&self.secret)
-            .map_err(|e| ApiError::Internal(format!("hmac key: {e}")))?;
+        let mut check =
+            Hmac::<Sha256>::new_from_slice(&self.secret).map_err(|e| ApiError::Internal(format!("hmac key: {e}")))?;
         check.update(body.as_bytes());
         check.verify_slice(&mac).map_err(|_| bad("bad signature"))?;
         let expires_at_ms: u64 = expires.parse().map_err(|_| bad("malformed expiry"))?;

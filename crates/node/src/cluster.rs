@@ -16,11 +16,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use openraft::async_runtime::WatchReceiver;
 use palaver_ids::{NodeId, ShardId};
 use palaver_proto::v1::ClusterMapRequest;
 use palaver_shard::meta::ClusterInfo;
 use palaver_shard::{Cf, KvEngine, StorageError, WriteBatch, keys};
-use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
 
 use crate::node::NodeInner;
@@ -129,15 +129,16 @@ pub async fn refresh_view(node: &Arc<NodeInner>) {
 /// One reconcile pass: start assigned replicas, drive membership of the shards led here.
 pub async fn reconcile_once(node: &Arc<NodeInner>) {
     refresh_view(node).await;
-    let view = node.view();
+    let view = node.view().clone();
     let Some(info) = view.info.clone() else { return };
     let addrs = view.nodes();
     for shard in (0..=info.shard_count).map(ShardId) {
         let placement = view.placement(shard);
-        if placement.contains(&node.id) && node.replicas.get(shard).is_none() {
-            if let Err(e) = node.replicas.ensure(shard).await {
-                tracing::error!(%shard, error = %e, "cannot start assigned replica");
-            }
+        if placement.contains(&node.id)
+            && node.replicas.get(shard).is_none()
+            && let Err(e) = node.replicas.ensure(shard).await
+        {
+            tracing::error!(%shard, error = %e, "cannot start assigned replica");
         }
         let Some(replica) = node.replicas.get(shard) else { continue };
         if !replica.raft.is_leader() || placement.is_empty() {

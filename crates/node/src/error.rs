@@ -9,6 +9,8 @@ use palaver_shard::Refusal;
 
 /// Metadata key that carries [`ApiError::code`] on a gRPC error status.
 pub const ERROR_CODE_METADATA_KEY: &str = "palaver-error";
+/// Metadata key that carries the wait, in ms, of a `rate_limited` error.
+pub const RETRY_AFTER_METADATA_KEY: &str = "retry-after-ms";
 
 /// A failure reported to a client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,6 +43,23 @@ pub enum ApiError {
     /// The node is not part of an initialized cluster yet.
     #[error("this node has not joined a cluster yet")]
     NotReady,
+    /// The message does not exist in the room (or has not reached this replica yet).
+    #[error("message {0} not found")]
+    MessageNotFound(String),
+    /// The caller sent too much too fast; retry after `retry_after_ms`.
+    #[error("rate limit: retry after {retry_after_ms} ms")]
+    RateLimited {
+        /// How long to wait before the next attempt.
+        retry_after_ms: u64,
+    },
+    /// The write is durable on the accepting replica but no second replica confirmed it in
+    /// time (a partition, or replicas down). It will replicate when they are back; retrying with
+    /// the same client message id is safe and never duplicates it.
+    #[error("stored on one replica of shard {shard}; quorum not reached in time")]
+    QuorumTimeout {
+        /// The shard.
+        shard: u32,
+    },
     /// A bug or an I/O failure on the node.
     #[error("internal error: {0}")]
     Internal(String),
@@ -54,7 +73,13 @@ impl ApiError {
 
     /// Whether the same request may succeed later unchanged.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ApiError::Unavailable { .. } | ApiError::NotReady)
+        matches!(
+            self,
+            ApiError::Unavailable { .. }
+                | ApiError::NotReady
+                | ApiError::RateLimited { .. }
+                | ApiError::QuorumTimeout { .. }
+        )
     }
 
     /// The stable machine-readable code of this error.
@@ -66,6 +91,9 @@ impl ApiError {
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::NotReady => "not_ready",
             ApiError::Internal(_) => "internal",
+            ApiError::MessageNotFound(_) => "message_not_found",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::QuorumTimeout { .. } => "quorum_timeout",
             ApiError::Refused(refusal) => match refusal {
                 Refusal::AlreadyInitialized => "already_initialized",
                 Refusal::NotMetaShard => "not_meta_shard",
@@ -90,12 +118,12 @@ impl ApiError {
             ApiError::InvalidInput { .. } => Code::InvalidArgument,
             ApiError::Unauthenticated(_) => Code::Unauthenticated,
             ApiError::UserNotFound(_) => Code::NotFound,
-            ApiError::Unavailable { .. } | ApiError::NotReady => Code::Unavailable,
+            ApiError::Unavailable { .. } | ApiError::NotReady | ApiError::QuorumTimeout { .. } => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
+            ApiError::MessageNotFound(_) => Code::NotFound,
+            ApiError::RateLimited { .. } => Code::ResourceExhausted,
             ApiError::Refused(refusal) => match refusal {
-                Refusal::UserExists(_) | Refusal::RoomExists(_) | Refusal::AlreadyMember { .. } => {
-                    Code::AlreadyExists
-                }
+                Refusal::UserExists(_) | Refusal::RoomExists(_) | Refusal::AlreadyMember { .. } => Code::AlreadyExists,
                 Refusal::RoomNotFound(_) => Code::NotFound,
                 Refusal::PermissionDenied { .. } | Refusal::Banned { .. } | Refusal::NotInvited { .. } => {
                     Code::PermissionDenied
@@ -117,7 +145,23 @@ impl From<ApiError> for tonic::Status {
         if let Ok(value) = error.code().parse() {
             status.metadata_mut().insert(ERROR_CODE_METADATA_KEY, value);
         }
+        if let ApiError::RateLimited { retry_after_ms } = error
+            && let Ok(value) = retry_after_ms.to_string().parse()
+        {
+            status.metadata_mut().insert(RETRY_AFTER_METADATA_KEY, value);
+        }
         status
+    }
+}
+
+impl From<palaver_shard::StoreError> for ApiError {
+    fn from(error: palaver_shard::StoreError) -> Self {
+        match error {
+            palaver_shard::StoreError::Crdt(e) if e.is_retryable() => {
+                ApiError::Unavailable { shard: 0, reason: e.to_string() }
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
     }
 }
 

@@ -11,10 +11,10 @@ use futures::future::join_all;
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use palaver_ids::ShardId;
+use palaver_proto::v1 as pb;
 use palaver_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
 use palaver_proto::v1::chat_service_server::{ChatService, ChatServiceServer};
 use palaver_proto::v1::peer_service_server::{PeerService, PeerServiceServer};
-use palaver_proto::v1 as pb;
 use palaver_shard::meta::Room;
 use palaver_shard::types::{Snapshot, SnapshotMeta, Vote};
 use palaver_shard::{Command, Outcome, Role, RoomSettings, Visibility, keys};
@@ -22,8 +22,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use crate::convert::{self, role_to_pb};
 use crate::error::ApiError;
 use crate::limits::{CLIENT_MESSAGE_BYTES_MAX, PEER_MESSAGE_BYTES_MAX};
+use crate::messaging::SideWrite;
 use crate::node::NodeInner;
 use crate::ops::{Ops, TargetAction};
 use crate::routing::{self, LocalError};
@@ -82,15 +84,6 @@ fn role_from_pb(role: i32) -> Result<Role, ApiError> {
     }
 }
 
-fn role_to_pb(role: Option<Role>) -> i32 {
-    match role {
-        None => pb::Role::Unspecified as i32,
-        Some(Role::Member) => pb::Role::Member as i32,
-        Some(Role::Admin) => pb::Role::Admin as i32,
-        Some(Role::Owner) => pb::Role::Owner as i32,
-    }
-}
-
 fn visibility_from_pb(visibility: i32) -> Result<Visibility, ApiError> {
     match pb::Visibility::try_from(visibility) {
         Ok(pb::Visibility::Public) => Ok(Visibility::Public),
@@ -116,7 +109,11 @@ fn room_to_pb(id: &str, shard: ShardId, room: &Room, viewer: &palaver_ids::UserN
         members: room
             .members
             .iter()
-            .map(|(user, m)| pb::Member { user: user.0.clone(), role: role_to_pb(Some(m.role)), joined_at_ms: m.joined_at_ms })
+            .map(|(user, m)| pb::Member {
+                user: user.0.clone(),
+                role: role_to_pb(Some(m.role)),
+                joined_at_ms: m.joined_at_ms,
+            })
             .collect(),
         banned: if can_see_bans { room.banned.keys().map(|u| u.0.clone()).collect() } else { Vec::new() },
         shard: shard.0,
@@ -177,7 +174,10 @@ impl ChatService for ChatApi {
         Ok(Response::new(room_to_pb(&request.room, shard, &room, &user)))
     }
 
-    async fn list_rooms(&self, request: Request<pb::ListRoomsRequest>) -> Result<Response<pb::ListRoomsResponse>, Status> {
+    async fn list_rooms(
+        &self,
+        request: Request<pb::ListRoomsRequest>,
+    ) -> Result<Response<pb::ListRoomsResponse>, Status> {
         let user = self.user(&request)?;
         let (rooms, unavailable_shards) = self.ops.list_rooms(&user).await?;
         let rooms = rooms
@@ -189,6 +189,7 @@ impl ChatService for ChatApi {
                 visibility: visibility_to_pb(r.settings.visibility),
                 member_count: r.member_count,
                 my_role: role_to_pb(r.my_role),
+                unread_count: r.unread_count,
             })
             .collect();
         Ok(Response::new(pb::ListRoomsResponse { rooms, unavailable_shards }))
@@ -262,6 +263,104 @@ impl ChatService for ChatApi {
         let done = self.ops.set_role(&user, &request.room, &request.user, role).await?;
         Ok(Response::new(ack(done, self.shard_of(&request.room))))
     }
+
+    async fn post(&self, request: Request<pb::PostRequest>) -> Result<Response<pb::PostResponse>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let ack = convert::ack_from_pb(request.ack)?;
+        let seen = request.seen.as_ref().map(|p| convert::position_from_pb(p).hlc);
+        let done = self.ops.post(&user, &request.room, &request.body, &request.client_message_id, ack, seen).await?;
+        Ok(Response::new(pb::PostResponse {
+            message_id: done.written.message_id.to_string(),
+            position: Some(convert::position_to_pb(done.written.position)),
+            duplicate: done.written.duplicate,
+            ack: convert::ack_to_pb(done.ack),
+        }))
+    }
+
+    async fn edit(&self, request: Request<pb::EditRequest>) -> Result<Response<pb::EventAck>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let ack = convert::ack_from_pb(request.ack)?;
+        let done = self.ops.edit(&user, &request.room, &request.message_id, &request.body, ack).await?;
+        Ok(Response::new(event_ack(&done)))
+    }
+
+    async fn redact(&self, request: Request<pb::MessageRequest>) -> Result<Response<pb::EventAck>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let ack = convert::ack_from_pb(request.ack)?;
+        let done = self.ops.redact(&user, &request.room, &request.message_id, ack).await?;
+        Ok(Response::new(event_ack(&done)))
+    }
+
+    async fn react(&self, request: Request<pb::ReactRequest>) -> Result<Response<pb::EventAck>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let ack = convert::ack_from_pb(request.ack)?;
+        let done =
+            self.ops.react(&user, &request.room, &request.message_id, &request.reaction, request.remove, ack).await?;
+        Ok(Response::new(event_ack(&done)))
+    }
+
+    async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let before = request.before.as_ref().map(convert::position_from_pb);
+        let after = request.after.as_ref().map(convert::position_from_pb);
+        let limit = usize::try_from(request.limit).unwrap_or(usize::MAX);
+        let page = self.ops.history(&user, &request.room, before, after, limit, request.oldest_first).await?;
+        Ok(Response::new(pb::HistoryResponse {
+            messages: page.messages.iter().map(convert::message_to_pb).collect(),
+            more: page.more,
+        }))
+    }
+
+    type SubscribeStream = crate::subscribe::EventStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let have = convert::version_vector_from_pb(request.version_vector.as_ref());
+        Ok(Response::new(self.ops.subscribe(&user, &request.room, have).await?))
+    }
+
+    async fn set_presence(
+        &self,
+        request: Request<pb::SetPresenceRequest>,
+    ) -> Result<Response<pb::SetPresenceResponse>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let status = convert::presence_from_pb(request.status)?;
+        let rooms = self.ops.set_presence(&user, &request.rooms, status).await?;
+        Ok(Response::new(pb::SetPresenceResponse { rooms }))
+    }
+
+    async fn typing(&self, request: Request<pb::TypingRequest>) -> Result<Response<pb::EventAck>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        self.ops.side_write(&user, &request.room, SideWrite::Typing(request.typing)).await?;
+        Ok(Response::new(pb::EventAck { position: None, ack: pb::AckLevel::One as i32 }))
+    }
+
+    async fn mark_read(&self, request: Request<pb::MarkReadRequest>) -> Result<Response<pb::EventAck>, Status> {
+        let user = self.user(&request)?;
+        let request = request.into_inner();
+        let position = request.position.as_ref().ok_or_else(|| ApiError::invalid("position", "is required"))?;
+        let position = convert::position_from_pb(position);
+        self.ops.side_write(&user, &request.room, SideWrite::Read(position)).await?;
+        Ok(Response::new(pb::EventAck {
+            position: Some(convert::position_to_pb(position)),
+            ack: pb::AckLevel::One as i32,
+        }))
+    }
+}
+
+fn event_ack(done: &crate::messaging::WriteAck) -> pb::EventAck {
+    pb::EventAck { position: Some(convert::position_to_pb(done.written.position)), ack: convert::ack_to_pb(done.ack) }
 }
 
 /// `palaver.v1.AdminService`.
@@ -284,7 +383,8 @@ impl AdminService for AdminApi {
                     return (id, Some(local_status(&node)));
                 }
                 let Ok(link) = node.replicas.peers().link(&addr) else { return (id, None) };
-                let call = link.client().local_status(pb::LocalStatusRequest {});
+                let mut client = link.client();
+                let call = client.local_status(pb::LocalStatusRequest {});
                 match tokio::time::timeout(Duration::from_millis(STATUS_NODE_TIMEOUT_MS), call).await {
                     Ok(Ok(reply)) => (id, Some(reply.into_inner())),
                     _ => (id, None),
@@ -334,7 +434,8 @@ fn local_status(node: &NodeInner) -> pb::LocalStatusReply {
         .all()
         .into_iter()
         .map(|replica| {
-            let metrics = replica.raft.metrics().borrow_watched().clone();
+            let metrics = replica.raft.metrics();
+            let metrics = metrics.borrow_watched().clone();
             let membership = metrics.membership_config.membership();
             let state = match metrics.state {
                 ServerState::Leader => "leader",
@@ -455,8 +556,8 @@ impl PeerService for PeerApi {
 
     async fn forward(&self, request: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardReply>, Status> {
         let request = request.into_inner();
-        let command: Command = keys::decode(&request.command)
-            .map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
+        let command: Command =
+            keys::decode(&request.command).map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
         let reply = match routing::execute_local(&self.node, ShardId(request.shard), command).await {
             Ok(done) => pb::ForwardReply {
                 result: Some(pb::forward_reply::Result::Outcome(
@@ -465,7 +566,11 @@ impl PeerService for PeerApi {
                 log_index: done.log_index,
             },
             Err(LocalError::NotLeader(hint)) => pb::ForwardReply {
-                result: Some(pb::forward_reply::Result::Redirect(routing::redirect(&self.node, hint, "not the leader"))),
+                result: Some(pb::forward_reply::Result::Redirect(routing::redirect(
+                    &self.node,
+                    hint,
+                    "not the leader",
+                ))),
                 log_index: 0,
             },
             Err(LocalError::Api(e)) => return Err(e.into()),
@@ -475,9 +580,12 @@ impl PeerService for PeerApi {
 
     async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
         let request = request.into_inner();
-        let query = keys::decode(&request.query).map_err(|e| Status::invalid_argument(format!("malformed query: {e}")))?;
+        let query =
+            keys::decode(&request.query).map_err(|e| Status::invalid_argument(format!("malformed query: {e}")))?;
         let result = match routing::read_local(&self.node, ShardId(request.shard), &query).await {
-            Ok(answer) => pb::read_reply::Result::Answer(keys::encode(&answer).map_err(|e| Status::internal(e.to_string()))?),
+            Ok(answer) => {
+                pb::read_reply::Result::Answer(keys::encode(&answer).map_err(|e| Status::internal(e.to_string()))?)
+            }
             Err(LocalError::NotLeader(hint)) => {
                 pb::read_reply::Result::Redirect(routing::redirect(&self.node, hint, "not the leader"))
             }
@@ -488,7 +596,10 @@ impl PeerService for PeerApi {
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let request = request.into_inner();
-        if request.grpc_addr.is_empty() || request.grpc_addr.len() > 256 || request.grpc_addr.parse::<std::net::SocketAddr>().is_err() {
+        if request.grpc_addr.is_empty()
+            || request.grpc_addr.len() > 256
+            || request.grpc_addr.parse::<std::net::SocketAddr>().is_err()
+        {
             return Err(ApiError::invalid("grpc_addr", "must be an IP:port").into());
         }
         let command = Command::AddNode { grpc_addr: request.grpc_addr, at_ms: self.node.now_ms() };
@@ -505,7 +616,10 @@ impl PeerService for PeerApi {
         }))
     }
 
-    async fn cluster_map(&self, _request: Request<pb::ClusterMapRequest>) -> Result<Response<pb::ClusterMapReply>, Status> {
+    async fn cluster_map(
+        &self,
+        _request: Request<pb::ClusterMapRequest>,
+    ) -> Result<Response<pb::ClusterMapReply>, Status> {
         let view = self.node.view().clone();
         let cluster = match &view.info {
             Some(info) => keys::encode(info).map_err(|e| Status::internal(e.to_string()))?,
@@ -514,7 +628,23 @@ impl PeerService for PeerApi {
         Ok(Response::new(pb::ClusterMapReply { cluster, applied_index: view.applied_index }))
     }
 
-    async fn local_status(&self, _request: Request<pb::LocalStatusRequest>) -> Result<Response<pb::LocalStatusReply>, Status> {
+    async fn local_status(
+        &self,
+        _request: Request<pb::LocalStatusRequest>,
+    ) -> Result<Response<pb::LocalStatusReply>, Status> {
         Ok(Response::new(local_status(&self.node)))
+    }
+
+    async fn crdt(&self, request: Request<pb::CrdtRequest>) -> Result<Response<pb::CrdtReply>, Status> {
+        let request = request.into_inner();
+        let replica = self.replica_for(request.shard, false).await.map_err(Status::failed_precondition)?;
+        let message = keys::decode(&request.payload)
+            .map_err(|e| Status::invalid_argument(format!("malformed replication message: {e}")))?;
+        let answer =
+            crate::replication::handle(&replica.crdt, palaver_ids::NodeId(request.from), message, self.node.now_ms())
+                .await
+                .map_err(Status::internal)?;
+        let payload = keys::encode(&answer).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::CrdtReply { payload }))
     }
 }

@@ -17,28 +17,41 @@
 //! - [`cluster`]: persisted identity, the cluster view, placement reconciliation.
 //! - [`replicas`]: the replicas this node runs.
 //! - [`routing`], [`query`]: commands and reads to the shard leader.
-//! - [`ops`]: client operations, written once for every surface.
+//! - [`ops`], [`messaging`], [`subscribe`]: client operations, written once for every surface.
+//! - [`replication`]: CRDT pushes and anti-entropy between the replicas of each shard.
+//! - [`convert`]: protobuf conversions.
 //! - [`grpc`]: the tonic services; [`peer`], [`raft_network`]: node-to-node traffic.
 //! - [`auth`], [`limits`], [`error`]: passwords and tokens, input limits, error codes.
-//! - [`env`]: clock, randomness and dialer, injected.
+//! - [`env`](mod@env): clock, randomness and dialer, injected.
+//!
+//! Messages take the CRDT plane instead: client -> [`grpc`] -> [`messaging`] (validate, rate
+//! limit, authorize against the local replica's applied membership) -> the local replica's
+//! `CrdtStore` (stamp, persist, group-commit fsync) -> acknowledged at `one`, or at `quorum` once
+//! [`replication`] has pushed it to a second replica that fsynced it. [`subscribe`] streams a
+//! room's durable events to clients from any version vector.
 //!
 //! ## Non-goals (for now)
-//! The CRDT plane (messages), the DHT routing plane, WebSocket/HTTP surfaces and metrics come
-//! with their own issues; so do draining nodes and removing replicas from retired nodes.
+//! The DHT routing plane (including forwarding CRDT operations from nodes that hold no replica
+//! of the room's shard), WebSocket/HTTP surfaces and metrics come with their own issues; so do
+//! draining nodes and removing replicas from retired nodes.
 
 pub mod auth;
 pub mod cluster;
+pub mod convert;
 pub mod env;
 pub mod error;
 pub mod grpc;
 pub mod limits;
+pub mod messaging;
 pub mod node;
 pub mod ops;
 pub mod peer;
 pub mod query;
 pub mod raft_network;
 pub mod replicas;
+pub mod replication;
 pub mod routing;
+pub mod subscribe;
 
 pub use env::{Clock, Dialer, NodeEnv, SharedRng, SystemClock, TcpDialer};
 pub use error::ApiError;

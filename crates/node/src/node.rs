@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use palaver_ids::{NodeId, ShardId};
+use palaver_ids::{NodeId, RoomId, ShardId, UserName};
 use palaver_proto::v1::JoinRequest;
 use palaver_router::ShardRing;
 use palaver_shard::types::RaftNode;
@@ -94,9 +94,39 @@ pub struct NodeInner {
     pub signer: TokenSigner,
     /// Addresses to ask for the cluster map before the view knows any node.
     pub seeds: Vec<String>,
+    /// Per-user write rate limits.
+    pub rate_limiter: crate::limits::RateLimiter,
+    /// CRDT pushers, one per (local replica, peer).
+    pub replication: crate::replication::Replication,
     view: RwLock<ClusterView>,
     leader_hints: Mutex<BTreeMap<ShardId, NodeId>>,
     membership_changes: Mutex<BTreeSet<ShardId>>,
+    subscriptions: Mutex<BTreeMap<UserName, BTreeMap<RoomId, usize>>>,
+}
+
+/// Keeps a subscription counted in [`NodeInner`] while it lives.
+#[derive(Debug)]
+pub struct SubscriptionGuard {
+    node: Arc<NodeInner>,
+    user: UserName,
+    room: RoomId,
+}
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        let mut subscriptions = self.node.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rooms) = subscriptions.get_mut(&self.user) {
+            if let Some(count) = rooms.get_mut(&self.room) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    rooms.remove(&self.room);
+                }
+            }
+            if rooms.is_empty() {
+                subscriptions.remove(&self.user);
+            }
+        }
+    }
 }
 
 impl NodeInner {
@@ -135,6 +165,19 @@ impl NodeInner {
         self.membership_changes.lock().unwrap_or_else(|p| p.into_inner()).remove(&shard);
     }
 
+    /// Count a subscription of `user` to `room` until the guard drops.
+    pub fn register_subscription(self: &Arc<Self>, user: &UserName, room: &RoomId) -> SubscriptionGuard {
+        let mut subscriptions = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        *subscriptions.entry(user.clone()).or_default().entry(room.clone()).or_default() += 1;
+        SubscriptionGuard { node: self.clone(), user: user.clone(), room: room.clone() }
+    }
+
+    /// The rooms `user` is subscribed to on this node.
+    pub fn subscribed_rooms(&self, user: &UserName) -> Vec<String> {
+        let subscriptions = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        subscriptions.get(user).map(|rooms| rooms.keys().map(|r| r.0.clone()).collect()).unwrap_or_default()
+    }
+
     /// Milliseconds since the Unix epoch, from the injected clock.
     pub fn now_ms(&self) -> u64 {
         self.env.clock.now_ms()
@@ -159,6 +202,9 @@ impl Node {
         listener: TcpListener,
     ) -> Result<Node, NodeError> {
         let local_addr = listener.local_addr().map_err(|e| NodeError::Server(e.to_string()))?;
+        // Whatever a crash left written but not fsynced becomes durable before anything is
+        // served from it (CRDT events on disk are sent to peers and subscribers as durable).
+        engine.sync()?;
         let group_commit = GroupCommit::start(engine.clone());
         let identity = NodeIdentity::load(engine.as_ref())?;
         let mut seeds = Vec::new();
@@ -197,14 +243,18 @@ impl Node {
             env,
             replicas,
             seeds,
+            rate_limiter: crate::limits::RateLimiter::default(),
+            replication: crate::replication::Replication::default(),
             view: RwLock::new(ClusterView::default()),
             leader_hints: Mutex::new(BTreeMap::new()),
             membership_changes: Mutex::new(BTreeSet::new()),
+            subscriptions: Mutex::new(BTreeMap::new()),
         });
         let (stop, stopped) = watch::channel(false);
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(crate::grpc::serve(inner.clone(), listener, stopped.clone())));
-        tasks.push(tokio::spawn(reconcile_loop(inner.clone(), stopped)));
+        let tasks = vec![
+            tokio::spawn(crate::grpc::serve(inner.clone(), listener, stopped.clone())),
+            tokio::spawn(reconcile_loop(inner.clone(), stopped)),
+        ];
         tracing::info!(node = %inner.id, addr = %inner.advertise_addr, "node started");
         Ok(Node { inner, stop, tasks, local_addr })
     }
@@ -230,6 +280,7 @@ impl Node {
         for task in self.tasks {
             let _ = task.await;
         }
+        self.inner.replication.shutdown().await;
         self.inner.replicas.shutdown().await;
         self.inner.replicas.peers().close();
         tracing::info!(node = %self.inner.id, "node stopped");
@@ -241,7 +292,10 @@ async fn reconcile_loop(node: Arc<NodeInner>, mut stopped: watch::Receiver<bool>
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => cluster::reconcile_once(&node).await,
+            _ = tick.tick() => {
+                cluster::reconcile_once(&node).await;
+                node.replication.ensure_pushers(&node, &stopped);
+            }
             _ = stopped.changed() => return,
         }
     }
@@ -274,16 +328,18 @@ async fn init_cluster(
         }
     }
     let meta = replicas.ensure(ShardId::META).await?;
-    let init = Command::InitCluster {
-        cluster_id: hex(&env.rng.bytes(8)),
-        token_secret: env.rng.bytes(32),
-        shard_count,
-    };
+    // `initialize` returns before the single voter has elected itself: wait for that, or the
+    // first write would be told to forward to a leader that does not exist yet.
+    meta.raft
+        .wait(Some(Duration::from_millis(JOIN_DEADLINE_MS)))
+        .current_leader(node_id.0, "the meta group elects its first node")
+        .await
+        .map_err(|e| NodeError::Bootstrap(e.to_string()))?;
+    let init =
+        Command::InitCluster { cluster_id: hex(&env.rng.bytes(8)), token_secret: env.rng.bytes(32), shard_count };
     let write = |command: Command| {
         let raft = meta.raft.clone();
-        async move {
-            raft.client_write(command).await.map(|r| r.data).map_err(|e| NodeError::Bootstrap(e.to_string()))
-        }
+        async move { raft.client_write(command).await.map(|r| r.data).map_err(|e| NodeError::Bootstrap(e.to_string())) }
     };
     match write(init).await? {
         Outcome::Done | Outcome::Refused(Refusal::AlreadyInitialized) => {}

@@ -59,6 +59,11 @@ impl Ops {
         Self { node }
     }
 
+    /// The node these operations run on.
+    pub(crate) fn node(&self) -> &Arc<NodeInner> {
+        &self.node
+    }
+
     /// The user a bearer token speaks for.
     pub fn authenticate(&self, token: Option<&str>) -> Result<UserName, ApiError> {
         let token = token.ok_or_else(|| ApiError::Unauthenticated("missing token: log in first".into()))?;
@@ -116,11 +121,17 @@ impl Ops {
     }
 
     /// Create a room owned by `actor`.
-    pub async fn create_room(&self, actor: &UserName, room: &str, settings: RoomSettings) -> Result<(ShardId, Room), ApiError> {
+    pub async fn create_room(
+        &self,
+        actor: &UserName,
+        room: &str,
+        settings: RoomSettings,
+    ) -> Result<(ShardId, Room), ApiError> {
         let room = limits::room_id(room)?;
         let settings = validate_settings(settings)?;
         let shard = self.room_shard(&room);
-        let command = Command::CreateRoom { room: room.clone(), owner: actor.clone(), settings, at_ms: self.node.now_ms() };
+        let command =
+            Command::CreateRoom { room: room.clone(), owner: actor.clone(), settings, at_ms: self.node.now_ms() };
         self.submit(shard, command).await?;
         self.get_room(actor, room.as_str()).await
     }
@@ -164,6 +175,9 @@ impl Ops {
         }
         rooms.sort_by(|a, b| a.room.cmp(&b.room));
         unavailable.sort_unstable();
+        for room in rooms.iter_mut().filter(|r| r.my_role.is_some()) {
+            room.unread_count = self.unread_count(actor, &room.room).await?;
+        }
         Ok((rooms, unavailable))
     }
 
@@ -174,7 +188,12 @@ impl Ops {
     }
 
     /// Replace a room's settings.
-    pub async fn update_room(&self, actor: &UserName, room: &str, settings: RoomSettings) -> Result<(ShardId, Room), ApiError> {
+    pub async fn update_room(
+        &self,
+        actor: &UserName,
+        room: &str,
+        settings: RoomSettings,
+    ) -> Result<(ShardId, Room), ApiError> {
         let room_id = limits::room_id(room)?;
         let settings = validate_settings(settings)?;
         let command = Command::UpdateRoomSettings { room: room_id.clone(), actor: actor.clone(), settings };
@@ -196,7 +215,13 @@ impl Ops {
     }
 
     /// Invite, kick or unban another user.
-    pub async fn act_on(&self, actor: &UserName, action: TargetAction, room: &str, target: &str) -> Result<Committed, ApiError> {
+    pub async fn act_on(
+        &self,
+        actor: &UserName,
+        action: TargetAction,
+        room: &str,
+        target: &str,
+    ) -> Result<Committed, ApiError> {
         let room = limits::room_id(room)?;
         let target = self.existing_user(target).await?;
         let actor = actor.clone();
@@ -214,12 +239,19 @@ impl Ops {
         let room = limits::room_id(room)?;
         let target = self.existing_user(target).await?;
         let reason = limits::text("reason", reason, limits::BAN_REASON_BYTES_MAX)?;
-        let command = Command::Ban { room: room.clone(), actor: actor.clone(), target, reason, at_ms: self.node.now_ms() };
+        let command =
+            Command::Ban { room: room.clone(), actor: actor.clone(), target, reason, at_ms: self.node.now_ms() };
         self.submit(self.room_shard(&room), command).await
     }
 
     /// Set a member's role.
-    pub async fn set_role(&self, actor: &UserName, room: &str, target: &str, role: Role) -> Result<Committed, ApiError> {
+    pub async fn set_role(
+        &self,
+        actor: &UserName,
+        room: &str,
+        target: &str,
+        role: Role,
+    ) -> Result<Committed, ApiError> {
         let room = limits::room_id(room)?;
         let target = limits::user_name("user", target)?;
         let command = Command::SetRole { room: room.clone(), actor: actor.clone(), target, role };

@@ -70,9 +70,8 @@ impl std::fmt::Debug for PeerLink {
 
 impl PeerLink {
     fn open(addr: &str, dialer: &dyn Dialer, from: u64) -> Result<Self, PeerError> {
-        let channel = dialer
-            .channel(addr)
-            .map_err(|reason| PeerError::Unreachable { addr: addr.to_owned(), reason })?;
+        let channel =
+            dialer.channel(addr).map_err(|reason| PeerError::Unreachable { addr: addr.to_owned(), reason })?;
         let client = PeerServiceClient::new(channel)
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);

@@ -31,6 +31,9 @@ pub struct RoomSummary {
     pub member_count: u32,
     /// The asking user's role, if a member.
     pub my_role: Option<Role>,
+    /// Messages after the user's read marker that others posted (filled in by the node that
+    /// answers the client, from its CRDT replica).
+    pub unread_count: u64,
 }
 
 /// The answer to a [`Query`].
@@ -65,6 +68,7 @@ impl Query {
                         settings: room.settings.clone(),
                         member_count: u32::try_from(room.members.len()).unwrap_or(u32::MAX),
                         my_role: room.role_of(user),
+                        unread_count: 0,
                     })
                     .collect(),
             ),

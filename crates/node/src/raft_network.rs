@@ -40,11 +40,7 @@ impl RaftNetworkFactory<TypeConfig> for ShardNetworkFactory {
     type Network = ShardPeerNetwork;
 
     async fn new_client(&mut self, target: u64, node: &RaftNode) -> Self::Network {
-        ShardPeerNetwork {
-            shard: self.shard,
-            target,
-            link: self.peers.link(&node.addr).map_err(|e| e.to_string()),
-        }
+        ShardPeerNetwork { shard: self.shard, target, link: self.peers.link(&node.addr).map_err(|e| e.to_string()) }
     }
 }
 
@@ -69,7 +65,9 @@ fn rpc_error(error: PeerError) -> RPCError<TypeConfig> {
 
 impl ShardPeerNetwork {
     fn link(&self) -> Result<&PeerLink, RPCError<TypeConfig>> {
-        self.link.as_ref().map_err(|reason| RPCError::Unreachable(unreachable(format!("node {}: {reason}", self.target))))
+        self.link
+            .as_ref()
+            .map_err(|reason| RPCError::Unreachable(unreachable(format!("node {}: {reason}", self.target))))
     }
 
     async fn call<Req: Serialize, Resp: DeserializeOwned>(

@@ -1,8 +1,9 @@
 //! The shard replicas a node runs, started on demand and stopped together.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
+use palaver_crdt::HlcClock;
 use palaver_ids::{NodeId, ShardId};
 use palaver_shard::{GroupCommit, KvEngine, Replica, ReplicaOptions, ShardLogStore, StartError};
 
@@ -17,6 +18,7 @@ pub struct ReplicaSet {
     group_commit: GroupCommit,
     peers: Arc<Peers>,
     options: ReplicaOptions,
+    clock: Arc<Mutex<HlcClock>>,
     replicas: RwLock<BTreeMap<ShardId, Replica>>,
     starting: tokio::sync::Mutex<()>,
 }
@@ -36,6 +38,7 @@ impl ReplicaSet {
             group_commit,
             peers,
             options,
+            clock: Arc::new(Mutex::new(HlcClock::new())),
             replicas: RwLock::new(BTreeMap::new()),
             starting: tokio::sync::Mutex::new(()),
         }
@@ -71,9 +74,16 @@ impl ReplicaSet {
             return Ok(replica);
         }
         let network = ShardNetworkFactory::new(shard, self.peers.clone());
-        let replica =
-            Replica::start(self.node, shard, self.engine.clone(), self.group_commit.clone(), network, self.options)
-                .await?;
+        let replica = Replica::start(
+            self.node,
+            shard,
+            self.engine.clone(),
+            self.group_commit.clone(),
+            network,
+            self.options,
+            self.clock.clone(),
+        )
+        .await?;
         tracing::debug!(node = %self.node, %shard, "replica started");
         self.replicas.write().unwrap_or_else(|p| p.into_inner()).insert(shard, replica.clone());
         Ok(replica)

@@ -130,7 +130,9 @@ pub async fn submit(node: &Arc<NodeInner>, shard: ShardId, command: Command) -> 
                 Err(status) if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown => {
                     Attempt::Redirected(None)
                 }
-                Err(status) => Attempt::Failed(ApiError::Unavailable { shard: shard.0, reason: status.message().into() }),
+                Err(status) => {
+                    Attempt::Failed(ApiError::Unavailable { shard: shard.0, reason: status.message().into() })
+                }
             }
         }
     })

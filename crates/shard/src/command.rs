@@ -170,6 +170,50 @@ pub enum Command {
     },
 }
 
+impl std::fmt::Display for Command {
+    /// A short description for logs (no secrets, no password hashes).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::InitCluster { cluster_id, shard_count, .. } => {
+                write!(f, "init cluster {cluster_id} with {shard_count} shards")
+            }
+            Command::AddNode { grpc_addr, .. } => write!(f, "add node at {grpc_addr}"),
+            Command::RegisterUser { user, .. } => write!(f, "register {user}"),
+            Command::CreateRoom { room, owner, .. } => write!(f, "{owner} creates {room}"),
+            Command::DeleteRoom { room, actor } => write!(f, "{actor} deletes {room}"),
+            Command::UpdateRoomSettings { room, actor, .. } => write!(f, "{actor} updates {room}"),
+            Command::Join { room, user, .. } => write!(f, "{user} joins {room}"),
+            Command::Invite { room, actor, target } => write!(f, "{actor} invites {target} to {room}"),
+            Command::Leave { room, user } => write!(f, "{user} leaves {room}"),
+            Command::Kick { room, actor, target } => write!(f, "{actor} kicks {target} from {room}"),
+            Command::Ban { room, actor, target, .. } => write!(f, "{actor} bans {target} from {room}"),
+            Command::Unban { room, actor, target } => write!(f, "{actor} unbans {target} in {room}"),
+            Command::SetRole { room, actor, target, role } => {
+                write!(f, "{actor} makes {target} {role:?} in {room}")
+            }
+        }
+    }
+}
+
+impl Command {
+    /// The room the command is about, if it is a room command.
+    pub fn room(&self) -> Option<&RoomId> {
+        match self {
+            Command::InitCluster { .. } | Command::AddNode { .. } | Command::RegisterUser { .. } => None,
+            Command::CreateRoom { room, .. }
+            | Command::DeleteRoom { room, .. }
+            | Command::UpdateRoomSettings { room, .. }
+            | Command::Join { room, .. }
+            | Command::Invite { room, .. }
+            | Command::Leave { room, .. }
+            | Command::Kick { room, .. }
+            | Command::Ban { room, .. }
+            | Command::Unban { room, .. }
+            | Command::SetRole { room, .. } => Some(room),
+        }
+    }
+}
+
 /// Why the state machine refused a command. Deterministic: every replica refuses the same
 /// command the same way, so these are results, not failures.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -250,6 +294,16 @@ pub enum Refusal {
     /// An actor tried to kick, ban or unban themselves.
     #[error("{0} cannot do that to themselves")]
     SelfTarget(UserName),
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Done => f.write_str("done"),
+            Outcome::NodeAdded(id) => write!(f, "node {id} added"),
+            Outcome::Refused(refusal) => write!(f, "refused: {refusal}"),
+        }
+    }
 }
 
 /// What applying a command produced.

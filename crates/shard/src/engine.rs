@@ -32,11 +32,15 @@ pub enum Cf {
     Snapshot,
     /// This node's own identity: its node id and the cluster it belongs to.
     Node,
+    /// CRDT events of every room: `shard | room | hlc | replica | counter`.
+    RoomEvents,
+    /// Per-room CRDT state besides events (version vector, read markers): `shard | room | tag`.
+    RoomState,
 }
 
 impl Cf {
     /// Every column family, in a fixed order.
-    pub const ALL: [Cf; 4] = [Cf::RaftLog, Cf::RaftState, Cf::Snapshot, Cf::Node];
+    pub const ALL: [Cf; 6] = [Cf::RaftLog, Cf::RaftState, Cf::Snapshot, Cf::Node, Cf::RoomEvents, Cf::RoomState];
 
     /// The column family's name on disk.
     pub fn name(self) -> &'static str {
@@ -45,6 +49,8 @@ impl Cf {
             Cf::RaftState => "raft_state",
             Cf::Snapshot => "snapshot",
             Cf::Node => "node",
+            Cf::RoomEvents => "room_events",
+            Cf::RoomState => "room_state",
         }
     }
 
@@ -139,8 +145,7 @@ pub trait KvEngine: Send + Sync + fmt::Debug + 'static {
     fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError>;
 
     /// Up to `limit` entries with `from <= key < to`, descending.
-    fn scan_rev(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize)
-    -> Result<Vec<KeyValue>, StorageError>;
+    fn scan_rev(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError>;
 }
 
 /// The real engine: one RocksDB with a column family per [`Cf`].
@@ -217,9 +222,7 @@ impl RocksEngine {
 
 impl KvEngine for RocksEngine {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        self.db
-            .get_cf(self.cf(cf)?, key)
-            .map_err(|e| StorageError::io(format!("get from {}: {e}", cf.name())))
+        self.db.get_cf(self.cf(cf)?, key).map_err(|e| StorageError::io(format!("get from {}: {e}", cf.name())))
     }
 
     fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
@@ -233,9 +236,7 @@ impl KvEngine for RocksEngine {
         }
         let mut write_options = rocksdb::WriteOptions::default();
         write_options.set_sync(false);
-        self.db
-            .write_opt(rocks_batch, &write_options)
-            .map_err(|e| StorageError::io(format!("write batch: {e}")))
+        self.db.write_opt(rocks_batch, &write_options).map_err(|e| StorageError::io(format!("write batch: {e}")))
     }
 
     fn sync(&self) -> Result<(), StorageError> {
@@ -246,21 +247,18 @@ impl KvEngine for RocksEngine {
         self.collect(cf, from, to, limit, false)
     }
 
-    fn scan_rev(
-        &self,
-        cf: Cf,
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-    ) -> Result<Vec<KeyValue>, StorageError> {
+    fn scan_rev(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
         self.collect(cf, from, to, limit, true)
     }
 }
 
+/// One ordered map per column family.
+type Families = [BTreeMap<Vec<u8>, Vec<u8>>; Cf::ALL.len()];
+
 /// An in-memory engine: ordered maps behind a mutex. `sync` does nothing.
 #[derive(Debug, Default)]
 pub struct MemEngine {
-    families: Mutex<[BTreeMap<Vec<u8>, Vec<u8>>; Cf::ALL.len()]>,
+    families: Mutex<Families>,
 }
 
 impl MemEngine {
@@ -269,7 +267,7 @@ impl MemEngine {
         Self::default()
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, [BTreeMap<Vec<u8>, Vec<u8>>; 4]>, StorageError> {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Families>, StorageError> {
         self.families.lock().map_err(|_| StorageError::io("memory engine lock poisoned"))
     }
 }
@@ -319,13 +317,7 @@ impl KvEngine for MemEngine {
             .collect())
     }
 
-    fn scan_rev(
-        &self,
-        cf: Cf,
-        from: &[u8],
-        to: &[u8],
-        limit: usize,
-    ) -> Result<Vec<KeyValue>, StorageError> {
+    fn scan_rev(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
         if from >= to {
             return Ok(Vec::new());
         }

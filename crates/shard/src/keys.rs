@@ -9,11 +9,17 @@
 //! | `raft_state` | `shard u32 | tag u8` | vote (1), committed log id (2), last purged log id (3) |
 //! | `snapshot` | `shard u32 | tag u8` | the latest snapshot: meta and data (1) |
 //! | `node` | ASCII name | this node's identity (`identity`) |
+//! | `room_events` | `shard u32 | room | hlc wall u64 | hlc logical u32 | replica u64 | counter u64` | a CRDT event |
+//! | `room_state` | `shard u32 | room | tag u8` | version vector (1), read markers (2) |
+//!
+//! `room` is `length u8 | utf-8 bytes` (room ids are at most 255 bytes), so one room's keys are
+//! contiguous and a `room_events` scan is a history scan in the room's total order.
 //!
 //! Values are framed as `version u8 | postcard bytes`; [`encode`] and [`decode`] are the only
 //! ways in and out, so an unknown version is reported as corruption instead of misread.
 
-use palaver_ids::ShardId;
+use palaver_crdt::Position;
+use palaver_ids::{RoomId, ShardId};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -40,6 +46,16 @@ pub enum RaftStateTag {
 pub enum SnapshotTag {
     /// The shard's latest snapshot (meta and data).
     Current = 1,
+}
+
+/// Tags of the `room_state` column family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RoomStateTag {
+    /// The version vector of the events the replica holds.
+    VersionVector = 1,
+    /// The room's read markers.
+    ReadMarkers = 2,
 }
 
 /// Key of the node's identity record in the `node` column family.
@@ -99,6 +115,56 @@ pub fn shard_of(key: &[u8]) -> Result<ShardId, StorageError> {
     Ok(ShardId(u32::from_be_bytes(bytes)))
 }
 
+/// `shard | room`: the prefix of every `room_events` and `room_state` key of `room`.
+pub fn room_prefix(shard: ShardId, room: &RoomId) -> Vec<u8> {
+    let bytes = room.as_str().as_bytes();
+    assert!(bytes.len() <= usize::from(u8::MAX), "room ids are validated to at most 255 bytes");
+    let mut key = Vec::with_capacity(5 + bytes.len() + 28);
+    key.extend_from_slice(&shard.0.to_be_bytes());
+    key.push(bytes.len() as u8);
+    key.extend_from_slice(bytes);
+    key
+}
+
+/// The first key after every key that starts with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
+}
+
+/// `shard | room | position` in the `room_events` column family.
+pub fn room_event_key(shard: ShardId, room: &RoomId, position: Position) -> Vec<u8> {
+    let mut key = room_prefix(shard, room);
+    key.extend_from_slice(&position.hlc.wall_ms.to_be_bytes());
+    key.extend_from_slice(&position.hlc.logical.to_be_bytes());
+    key.extend_from_slice(&position.replica.0.to_be_bytes());
+    key.extend_from_slice(&position.counter.to_be_bytes());
+    key
+}
+
+/// `shard | room | tag` in the `room_state` column family.
+pub fn room_state_key(shard: ShardId, room: &RoomId, tag: RoomStateTag) -> Vec<u8> {
+    let mut key = room_prefix(shard, room);
+    key.push(tag as u8);
+    key
+}
+
+/// The room and tag of a `room_state` key.
+pub fn room_state_key_parts(key: &[u8]) -> Result<(RoomId, u8), StorageError> {
+    let corrupt = || StorageError::corrupt(format!("room state key of {} bytes", key.len()));
+    let len = usize::from(*key.get(4).ok_or_else(corrupt)?);
+    let room = key.get(5..5 + len).ok_or_else(corrupt)?;
+    let tag = *key.get(5 + len).ok_or_else(corrupt)?;
+    let room = std::str::from_utf8(room).map_err(|_| corrupt())?;
+    Ok((RoomId(room.to_owned()), tag))
+}
+
 fn tagged(shard: ShardId, tag: u8) -> [u8; 5] {
     let mut key = [0u8; 5];
     key[..4].copy_from_slice(&shard.0.to_be_bytes());
@@ -136,6 +202,31 @@ mod tests {
         assert_eq!(keys, vec![log_key(ShardId(1), 2), log_key(ShardId(1), 300), log_key(ShardId(2), 1)]);
         assert_eq!(log_index_of(&log_key(ShardId(9), 77)).expect("index"), 77);
         assert!(log_key(ShardId(1), u64::MAX).as_slice() < log_end(ShardId(1)).as_slice());
+    }
+
+    #[test]
+    fn room_keys_sort_by_room_then_position_and_parse_back() {
+        use palaver_crdt::{Dot, Hlc, ReplicaId};
+        let position =
+            |wall_ms, replica, counter| Position::new(Hlc::new(wall_ms, 0), Dot::new(ReplicaId(replica), counter));
+        let a = RoomId("a".into());
+        let ab = RoomId("ab".into());
+        let mut keys = [
+            room_event_key(ShardId(1), &ab, position(1, 1, 1)),
+            room_event_key(ShardId(1), &a, position(9, 1, 2)),
+            room_event_key(ShardId(1), &a, position(9, 0, 7)),
+            room_event_key(ShardId(1), &a, position(2, 3, 1)),
+        ];
+        keys.sort();
+        assert_eq!(keys[0], room_event_key(ShardId(1), &a, position(2, 3, 1)));
+        assert_eq!(keys[1], room_event_key(ShardId(1), &a, position(9, 0, 7)));
+        assert_eq!(keys[3], room_event_key(ShardId(1), &ab, position(1, 1, 1)), "rooms never interleave");
+        let prefix = room_prefix(ShardId(1), &a);
+        assert!(keys[..3].iter().all(|k| k.starts_with(&prefix) && k.as_slice() < prefix_end(&prefix).as_slice()));
+        let key = room_state_key(ShardId(1), &ab, RoomStateTag::ReadMarkers);
+        assert_eq!(room_state_key_parts(&key).expect("parts"), (ab, RoomStateTag::ReadMarkers as u8));
+        assert!(room_state_key_parts(&[0, 0, 0, 1, 9, b'x']).is_err());
+        assert_eq!(prefix_end(&[1, 0xff]), vec![2]);
     }
 
     #[test]

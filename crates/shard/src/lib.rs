@@ -12,6 +12,12 @@
 //! appends from all shards of a node are fsynced together by one [`log_store::GroupCommit`]
 //! thread before openraft hears that they are durable.
 //!
+//! ## The CRDT plane
+//! Messages, edits, reactions, presence, typing and read markers do not go through Raft: the
+//! [`crdt_store`] of each replica accepts them, persists them in the same engine (group-commit
+//! fsync, shared with the Raft log), and tracks what is durable and what each peer replica holds,
+//! so the node can acknowledge at `one` or `quorum` and replicate by delta and anti-entropy.
+//!
 //! ## Guarantees
 //! - An entry is reported persisted only after an fsync that covers it; a vote is fsynced before
 //!   it is used.
@@ -21,11 +27,12 @@
 //!
 //! ## Non-goals (here, for now)
 //! - The network: the node crate implements openraft's network over gRPC.
-//! - The CRDT message store (the CRDT plane issue) and replica moves (rebalancing issue).
+//! - Replica moves (the rebalancing issue).
 //! - A state machine larger than memory: the metadata of a shard is held in memory and
 //!   snapshotted whole.
 
 pub mod command;
+pub mod crdt_store;
 pub mod engine;
 pub mod error;
 pub mod keys;
@@ -36,6 +43,7 @@ pub mod state_machine;
 pub mod types;
 
 pub use command::{Command, Outcome, Refusal, Role, RoomSettings, Visibility};
+pub use crdt_store::{CrdtStore, RoomCell, RoomSummary, SideState, StoreError, Written};
 pub use engine::{Cf, KvEngine, MemEngine, RocksEngine, WriteBatch};
 pub use error::StorageError;
 pub use log_store::{GroupCommit, ShardLogStore};

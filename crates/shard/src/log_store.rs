@@ -33,13 +33,42 @@ pub const LOG_READ_ENTRIES_MAX: usize = usize::MAX;
 /// Cloning shares the thread; it exits when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct GroupCommit {
-    queue: mpsc::Sender<IoFlushed>,
+    queue: mpsc::Sender<Flushed>,
+}
+
+/// Who waits for an fsync: openraft (a log append) or an async caller ([`GroupCommit::sync`]).
+enum Flushed {
+    Raft(IoFlushed),
+    Waiter(tokio::sync::oneshot::Sender<Result<(), StorageError>>),
+}
+
+impl std::fmt::Debug for Flushed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Flushed::Raft(_) => "Flushed::Raft",
+            Flushed::Waiter(_) => "Flushed::Waiter",
+        })
+    }
+}
+
+impl Flushed {
+    fn complete(self, result: Result<(), StorageError>) {
+        match self {
+            Flushed::Raft(callback) => callback.io_completed(result.map_err(std::io::Error::from)),
+            Flushed::Waiter(waiter) => {
+                let _ = waiter.send(result);
+            }
+        }
+    }
 }
 
 impl GroupCommit {
     /// Start the thread for `engine`.
+    /// The thread holds only a weak handle: the engine closes when its owners drop it, not
+    /// whenever this thread gets around to exiting (RocksDB must not outlive process exit).
     pub fn start(engine: Arc<dyn KvEngine>) -> Self {
-        let (queue, pending) = mpsc::channel::<IoFlushed>();
+        let engine = Arc::downgrade(&engine);
+        let (queue, pending) = mpsc::channel::<Flushed>();
         std::thread::Builder::new()
             .name("palaver-group-commit".into())
             .spawn(move || Self::run(engine, pending))
@@ -48,22 +77,37 @@ impl GroupCommit {
         Self { queue }
     }
 
-    fn run(engine: Arc<dyn KvEngine>, pending: mpsc::Receiver<IoFlushed>) {
+    fn run(engine: std::sync::Weak<dyn KvEngine>, pending: mpsc::Receiver<Flushed>) {
         while let Ok(first) = pending.recv() {
             let mut batch = vec![first];
             batch.extend(pending.try_iter());
-            let result = engine.sync();
-            for callback in batch {
-                callback.io_completed(result.clone().map_err(std::io::Error::from));
+            let result = match engine.upgrade() {
+                Some(engine) => engine.sync(),
+                None => Err(StorageError::io("the engine is closed")),
+            };
+            for waiter in batch {
+                waiter.complete(result.clone());
             }
         }
     }
 
     /// Report `callback` once everything written so far is durable.
     fn flush_then(&self, callback: IoFlushed) {
-        if let Err(mpsc::SendError(callback)) = self.queue.send(callback) {
-            callback.io_completed(Err(std::io::Error::other("group-commit thread has stopped")));
+        self.enqueue(Flushed::Raft(callback));
+    }
+
+    fn enqueue(&self, waiter: Flushed) {
+        if let Err(mpsc::SendError(waiter)) = self.queue.send(waiter) {
+            waiter.complete(Err(StorageError::io("group-commit thread has stopped")));
         }
+    }
+
+    /// Wait until everything written to the engine before this call is durable. Concurrent
+    /// callers (and Raft appends) share one fsync.
+    pub async fn sync(&self) -> Result<(), StorageError> {
+        let (waiter, done) = tokio::sync::oneshot::channel();
+        self.enqueue(Flushed::Waiter(waiter));
+        done.await.map_err(|_| StorageError::io("group-commit thread has stopped"))?
     }
 }
 
@@ -151,7 +195,7 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
         let last_purged_log_id: Option<LogId> = self.read_state(RaftStateTag::LastPurged)?;
         let last_log_id = match self.last_entry()? {
             Some(entry) => Some(entry.log_id()),
-            None => last_purged_log_id.clone(),
+            None => last_purged_log_id,
         };
         Ok(LogState { last_purged_log_id, last_log_id })
     }

@@ -164,10 +164,7 @@ impl MetaState {
     /// An empty state. `is_meta`: whether this is shard 0 (the only shard that accepts
     /// `InitCluster` and `AddNode`).
     pub fn new(is_meta: bool) -> Self {
-        Self {
-            is_meta,
-            ..Self::default()
-        }
+        Self { is_meta, ..Self::default() }
     }
 
     /// Apply one command.
@@ -176,64 +173,26 @@ impl MetaState {
     /// unchanged. Never panics.
     pub fn apply(&mut self, command: &Command) -> Outcome {
         let result = match command {
-            Command::InitCluster {
-                cluster_id,
-                token_secret,
-                shard_count,
-            } => self.init_cluster(cluster_id, token_secret, *shard_count),
+            Command::InitCluster { cluster_id, token_secret, shard_count } => {
+                self.init_cluster(cluster_id, token_secret, *shard_count)
+            }
             Command::AddNode { grpc_addr, at_ms } => {
                 return match self.add_node(grpc_addr, *at_ms) {
                     Ok(node) => Outcome::NodeAdded(node),
                     Err(refusal) => Outcome::Refused(refusal),
                 };
             }
-            Command::RegisterUser {
-                user,
-                password_hash,
-                at_ms,
-            } => self.register_user(user, password_hash, *at_ms),
-            Command::CreateRoom {
-                room,
-                owner,
-                settings,
-                at_ms,
-            } => self.create_room(room, owner, settings, *at_ms),
+            Command::RegisterUser { user, password_hash, at_ms } => self.register_user(user, password_hash, *at_ms),
+            Command::CreateRoom { room, owner, settings, at_ms } => self.create_room(room, owner, settings, *at_ms),
             Command::DeleteRoom { room, actor } => self.delete_room(room, actor),
-            Command::UpdateRoomSettings {
-                room,
-                actor,
-                settings,
-            } => self.update_room_settings(room, actor, settings),
+            Command::UpdateRoomSettings { room, actor, settings } => self.update_room_settings(room, actor, settings),
             Command::Join { room, user, at_ms } => self.join(room, user, *at_ms),
-            Command::Invite {
-                room,
-                actor,
-                target,
-            } => self.invite(room, actor, target),
+            Command::Invite { room, actor, target } => self.invite(room, actor, target),
             Command::Leave { room, user } => self.leave(room, user),
-            Command::Kick {
-                room,
-                actor,
-                target,
-            } => self.kick(room, actor, target),
-            Command::Ban {
-                room,
-                actor,
-                target,
-                reason,
-                at_ms,
-            } => self.ban(room, actor, target, reason, *at_ms),
-            Command::Unban {
-                room,
-                actor,
-                target,
-            } => self.unban(room, actor, target),
-            Command::SetRole {
-                room,
-                actor,
-                target,
-                role,
-            } => self.set_role(room, actor, target, *role),
+            Command::Kick { room, actor, target } => self.kick(room, actor, target),
+            Command::Ban { room, actor, target, reason, at_ms } => self.ban(room, actor, target, reason, *at_ms),
+            Command::Unban { room, actor, target } => self.unban(room, actor, target),
+            Command::SetRole { room, actor, target, role } => self.set_role(room, actor, target, *role),
         };
         match result {
             Ok(()) => Outcome::Done,
@@ -275,10 +234,7 @@ impl Room {
 
     /// How many members are owners.
     fn owner_count(&self) -> usize {
-        self.members
-            .values()
-            .filter(|membership| membership.role == Role::Owner)
-            .count()
+        self.members.values().filter(|membership| membership.role == Role::Owner).count()
     }
 
     /// Whether `user` is the room's only owner.
@@ -289,12 +245,7 @@ impl Room {
 
 // The handlers: each checks everything first and changes the state only when it returns `Ok`.
 impl MetaState {
-    fn init_cluster(
-        &mut self,
-        cluster_id: &str,
-        token_secret: &[u8],
-        shard_count: u32,
-    ) -> Result<(), Refusal> {
+    fn init_cluster(&mut self, cluster_id: &str, token_secret: &[u8], shard_count: u32) -> Result<(), Refusal> {
         if !self.is_meta {
             return Err(Refusal::NotMetaShard);
         }
@@ -319,42 +270,21 @@ impl MetaState {
             return Err(Refusal::NotMetaShard);
         };
         // A linear scan: the registry holds a handful of nodes and a join is rare.
-        if let Some((&node, _)) = cluster
-            .nodes
-            .iter()
-            .find(|(_, record)| record.grpc_addr == grpc_addr)
-        {
+        if let Some((&node, _)) = cluster.nodes.iter().find(|(_, record)| record.grpc_addr == grpc_addr) {
             return Ok(node);
         }
         let node = NodeId(cluster.next_node_id);
         // 2^64 joins cannot happen in a cluster's life; saturating keeps apply free of panics.
         cluster.next_node_id = cluster.next_node_id.saturating_add(1);
-        cluster.nodes.insert(
-            node,
-            NodeRecord {
-                grpc_addr: grpc_addr.to_owned(),
-                joined_at_ms: at_ms,
-            },
-        );
+        cluster.nodes.insert(node, NodeRecord { grpc_addr: grpc_addr.to_owned(), joined_at_ms: at_ms });
         Ok(node)
     }
 
-    fn register_user(
-        &mut self,
-        user: &UserName,
-        password_hash: &str,
-        at_ms: u64,
-    ) -> Result<(), Refusal> {
+    fn register_user(&mut self, user: &UserName, password_hash: &str, at_ms: u64) -> Result<(), Refusal> {
         if self.users.contains_key(user) {
             return Err(Refusal::UserExists(user.clone()));
         }
-        self.users.insert(
-            user.clone(),
-            UserRecord {
-                password_hash: password_hash.to_owned(),
-                created_at_ms: at_ms,
-            },
-        );
+        self.users.insert(user.clone(), UserRecord { password_hash: password_hash.to_owned(), created_at_ms: at_ms });
         Ok(())
     }
 
@@ -368,13 +298,7 @@ impl MetaState {
         if self.rooms.contains_key(room_id) {
             return Err(Refusal::RoomExists(room_id.clone()));
         }
-        let members = BTreeMap::from([(
-            owner.clone(),
-            Membership {
-                role: Role::Owner,
-                joined_at_ms: at_ms,
-            },
-        )]);
+        let members = BTreeMap::from([(owner.clone(), Membership { role: Role::Owner, joined_at_ms: at_ms })]);
         self.rooms.insert(
             room_id.clone(),
             Room {
@@ -390,9 +314,7 @@ impl MetaState {
 
     fn delete_room(&mut self, room_id: &RoomId, actor: &UserName) -> Result<(), Refusal> {
         let room = self.room_or_refuse(room_id)?;
-        require_rank(room, room_id, actor, Role::Owner, || {
-            "delete the room".to_owned()
-        })?;
+        require_rank(room, room_id, actor, Role::Owner, || "delete the room".to_owned())?;
         self.rooms.remove(room_id);
         Ok(())
     }
@@ -404,9 +326,7 @@ impl MetaState {
         settings: &RoomSettings,
     ) -> Result<(), Refusal> {
         let room = self.room_or_refuse(room_id)?;
-        require_rank(room, room_id, actor, Role::Admin, || {
-            "change the room's settings".to_owned()
-        })?;
+        require_rank(room, room_id, actor, Role::Admin, || "change the room's settings".to_owned())?;
         room.settings = settings.clone();
         Ok(())
     }
@@ -414,38 +334,21 @@ impl MetaState {
     fn join(&mut self, room_id: &RoomId, user: &UserName, at_ms: u64) -> Result<(), Refusal> {
         let room = self.room_or_refuse(room_id)?;
         if room.banned.contains_key(user) {
-            return Err(Refusal::Banned {
-                room: room_id.clone(),
-                user: user.clone(),
-            });
+            return Err(Refusal::Banned { room: room_id.clone(), user: user.clone() });
         }
         if room.is_member(user) {
             return Ok(());
         }
         let invited = room.invited.contains(user);
         if room.settings.visibility == Visibility::InviteOnly && !invited {
-            return Err(Refusal::NotInvited {
-                room: room_id.clone(),
-                user: user.clone(),
-            });
+            return Err(Refusal::NotInvited { room: room_id.clone(), user: user.clone() });
         }
         room.invited.remove(user);
-        room.members.insert(
-            user.clone(),
-            Membership {
-                role: Role::Member,
-                joined_at_ms: at_ms,
-            },
-        );
+        room.members.insert(user.clone(), Membership { role: Role::Member, joined_at_ms: at_ms });
         Ok(())
     }
 
-    fn invite(
-        &mut self,
-        room_id: &RoomId,
-        actor: &UserName,
-        target: &UserName,
-    ) -> Result<(), Refusal> {
+    fn invite(&mut self, room_id: &RoomId, actor: &UserName, target: &UserName) -> Result<(), Refusal> {
         let room = self.room_or_refuse(room_id)?;
         let needed = match room.settings.visibility {
             Visibility::Public => Role::Member,
@@ -453,16 +356,10 @@ impl MetaState {
         };
         require_rank(room, room_id, actor, needed, || format!("invite {target}"))?;
         if room.banned.contains_key(target) {
-            return Err(Refusal::Banned {
-                room: room_id.clone(),
-                user: target.clone(),
-            });
+            return Err(Refusal::Banned { room: room_id.clone(), user: target.clone() });
         }
         if room.is_member(target) {
-            return Err(Refusal::AlreadyMember {
-                room: room_id.clone(),
-                user: target.clone(),
-            });
+            return Err(Refusal::AlreadyMember { room: room_id.clone(), user: target.clone() });
         }
         room.invited.insert(target.clone());
         Ok(())
@@ -471,27 +368,16 @@ impl MetaState {
     fn leave(&mut self, room_id: &RoomId, user: &UserName) -> Result<(), Refusal> {
         let room = self.room_or_refuse(room_id)?;
         if !room.is_member(user) {
-            return Err(Refusal::NotMember {
-                room: room_id.clone(),
-                user: user.clone(),
-            });
+            return Err(Refusal::NotMember { room: room_id.clone(), user: user.clone() });
         }
         if room.is_last_owner(user) {
-            return Err(Refusal::LastOwner {
-                room: room_id.clone(),
-                user: user.clone(),
-            });
+            return Err(Refusal::LastOwner { room: room_id.clone(), user: user.clone() });
         }
         room.members.remove(user);
         Ok(())
     }
 
-    fn kick(
-        &mut self,
-        room_id: &RoomId,
-        actor: &UserName,
-        target: &UserName,
-    ) -> Result<(), Refusal> {
+    fn kick(&mut self, room_id: &RoomId, actor: &UserName, target: &UserName) -> Result<(), Refusal> {
         let room = self.room_or_refuse(room_id)?;
         let action = || format!("kick {target}");
         let actor_role = require_rank(room, room_id, actor, Role::Admin, action)?;
@@ -499,10 +385,7 @@ impl MetaState {
             return Err(Refusal::SelfTarget(actor.clone()));
         }
         let Some(target_role) = room.role_of(target) else {
-            return Err(Refusal::NotMember {
-                room: room_id.clone(),
-                user: target.clone(),
-            });
+            return Err(Refusal::NotMember { room: room_id.clone(), user: target.clone() });
         };
         require_outranks(actor_role, Some(target_role), room_id, actor, action)?;
         room.members.remove(target);
@@ -526,65 +409,34 @@ impl MetaState {
         require_outranks(actor_role, room.role_of(target), room_id, actor, action)?;
         room.members.remove(target);
         room.invited.remove(target);
-        room.banned.insert(
-            target.clone(),
-            BanRecord {
-                by: actor.clone(),
-                reason: reason.to_owned(),
-                at_ms,
-            },
-        );
+        room.banned.insert(target.clone(), BanRecord { by: actor.clone(), reason: reason.to_owned(), at_ms });
         Ok(())
     }
 
-    fn unban(
-        &mut self,
-        room_id: &RoomId,
-        actor: &UserName,
-        target: &UserName,
-    ) -> Result<(), Refusal> {
+    fn unban(&mut self, room_id: &RoomId, actor: &UserName, target: &UserName) -> Result<(), Refusal> {
         let room = self.room_or_refuse(room_id)?;
-        require_rank(room, room_id, actor, Role::Admin, || {
-            format!("unban {target}")
-        })?;
+        require_rank(room, room_id, actor, Role::Admin, || format!("unban {target}"))?;
         if actor == target {
             return Err(Refusal::SelfTarget(actor.clone()));
         }
         if room.banned.remove(target).is_none() {
-            return Err(Refusal::NotBanned {
-                room: room_id.clone(),
-                user: target.clone(),
-            });
+            return Err(Refusal::NotBanned { room: room_id.clone(), user: target.clone() });
         }
         Ok(())
     }
 
-    fn set_role(
-        &mut self,
-        room_id: &RoomId,
-        actor: &UserName,
-        target: &UserName,
-        role: Role,
-    ) -> Result<(), Refusal> {
+    fn set_role(&mut self, room_id: &RoomId, actor: &UserName, target: &UserName, role: Role) -> Result<(), Refusal> {
         let room = self.room_or_refuse(room_id)?;
-        require_rank(room, room_id, actor, Role::Owner, || {
-            format!("set the role of {target} to {role:?}")
-        })?;
+        require_rank(room, room_id, actor, Role::Owner, || format!("set the role of {target} to {role:?}"))?;
         let Some(current) = room.role_of(target) else {
-            return Err(Refusal::NotMember {
-                room: room_id.clone(),
-                user: target.clone(),
-            });
+            return Err(Refusal::NotMember { room: room_id.clone(), user: target.clone() });
         };
         if current == role {
             return Ok(());
         }
         // Only an owner gets here, and an owner can lose the role only by changing their own.
         if room.is_last_owner(target) {
-            return Err(Refusal::LastOwner {
-                room: room_id.clone(),
-                user: target.clone(),
-            });
+            return Err(Refusal::LastOwner { room: room_id.clone(), user: target.clone() });
         }
         if let Some(membership) = room.members.get_mut(target) {
             membership.role = role;
@@ -594,9 +446,7 @@ impl MetaState {
 
     /// The room, for a command that may change it, or `RoomNotFound`.
     fn room_or_refuse(&mut self, room_id: &RoomId) -> Result<&mut Room, Refusal> {
-        self.rooms
-            .get_mut(room_id)
-            .ok_or_else(|| Refusal::RoomNotFound(room_id.clone()))
+        self.rooms.get_mut(room_id).ok_or_else(|| Refusal::RoomNotFound(room_id.clone()))
     }
 }
 
@@ -624,19 +474,11 @@ fn require_outranks(
     actor: &UserName,
     action: impl FnOnce() -> String,
 ) -> Result<(), Refusal> {
-    if Some(actor_role) > target_role {
-        Ok(())
-    } else {
-        Err(denied(room_id, actor, action()))
-    }
+    if Some(actor_role) > target_role { Ok(()) } else { Err(denied(room_id, actor, action())) }
 }
 
 fn denied(room_id: &RoomId, actor: &UserName, action: String) -> Refusal {
-    Refusal::PermissionDenied {
-        room: room_id.clone(),
-        actor: actor.clone(),
-        action,
-    }
+    Refusal::PermissionDenied { room: room_id.clone(), actor: actor.clone(), action }
 }
 
 #[cfg(test)]
@@ -675,11 +517,7 @@ mod tests {
     }
 
     fn settings(visibility: Visibility) -> RoomSettings {
-        RoomSettings {
-            title: "Lobby".to_owned(),
-            topic: "say hi".to_owned(),
-            visibility,
-        }
+        RoomSettings { title: "Lobby".to_owned(), topic: "say hi".to_owned(), visibility }
     }
 
     /// Apply a command that must succeed while building a fixture.
@@ -693,28 +531,9 @@ mod tests {
         let mut state = MetaState::new(false);
         let room = lobby();
         must(&mut state, create(LOBBY, OLGA, Visibility::Public));
-        for (name, role) in [
-            (OTTO, Role::Owner),
-            (ADAM, Role::Admin),
-            (MIA, Role::Member),
-        ] {
-            must(
-                &mut state,
-                Command::Join {
-                    room: room.clone(),
-                    user: user(name),
-                    at_ms: 2,
-                },
-            );
-            must(
-                &mut state,
-                Command::SetRole {
-                    room: room.clone(),
-                    actor: user(OLGA),
-                    target: user(name),
-                    role,
-                },
-            );
+        for (name, role) in [(OTTO, Role::Owner), (ADAM, Role::Admin), (MIA, Role::Member)] {
+            must(&mut state, Command::Join { room: room.clone(), user: user(name), at_ms: 2 });
+            must(&mut state, Command::SetRole { room: room.clone(), actor: user(OLGA), target: user(name), role });
         }
         must(
             &mut state,
@@ -726,24 +545,12 @@ mod tests {
                 at_ms: 3,
             },
         );
-        must(
-            &mut state,
-            Command::UpdateRoomSettings {
-                room,
-                actor: user(OLGA),
-                settings: settings(visibility),
-            },
-        );
+        must(&mut state, Command::UpdateRoomSettings { room, actor: user(OLGA), settings: settings(visibility) });
         state
     }
 
     fn create(room: &str, owner: &str, visibility: Visibility) -> Command {
-        Command::CreateRoom {
-            room: RoomId::from(room),
-            owner: user(owner),
-            settings: settings(visibility),
-            at_ms: 1,
-        }
+        Command::CreateRoom { room: RoomId::from(room), owner: user(owner), settings: settings(visibility), at_ms: 1 }
     }
 
     // ---------------------------------------------------------------------------------------
@@ -789,12 +596,7 @@ mod tests {
     }
 
     const fn row(actor: &'static str, action: Act, public: Expect, invite_only: Expect) -> Row {
-        Row {
-            actor,
-            action,
-            public,
-            invite_only,
-        }
+        Row { actor, action, public, invite_only }
     }
 
     use self::Act::*;
@@ -954,48 +756,20 @@ mod tests {
             let room = lobby();
             let actor = user(actor);
             match self {
-                Join => Command::Join {
-                    room,
-                    user: actor,
-                    at_ms: 10,
-                },
-                Invite(target) => Command::Invite {
-                    room,
-                    actor,
-                    target: user(target),
-                },
+                Join => Command::Join { room, user: actor, at_ms: 10 },
+                Invite(target) => Command::Invite { room, actor, target: user(target) },
                 Leave => Command::Leave { room, user: actor },
-                Kick(target) => Command::Kick {
-                    room,
-                    actor,
-                    target: user(target),
-                },
-                Ban(target) => Command::Ban {
-                    room,
-                    actor,
-                    target: user(target),
-                    reason: "rules".to_owned(),
-                    at_ms: 10,
-                },
-                Unban(target) => Command::Unban {
-                    room,
-                    actor,
-                    target: user(target),
-                },
-                SetRole(target, role) => Command::SetRole {
-                    room,
-                    actor,
-                    target: user(target),
-                    role,
-                },
+                Kick(target) => Command::Kick { room, actor, target: user(target) },
+                Ban(target) => {
+                    Command::Ban { room, actor, target: user(target), reason: "rules".to_owned(), at_ms: 10 }
+                }
+                Unban(target) => Command::Unban { room, actor, target: user(target) },
+                SetRole(target, role) => Command::SetRole { room, actor, target: user(target), role },
                 DeleteRoom => Command::DeleteRoom { room, actor },
                 UpdateRoomSettings => Command::UpdateRoomSettings {
                     room,
                     actor,
-                    settings: RoomSettings {
-                        topic: "new topic".to_owned(),
-                        ..settings(Visibility::Public)
-                    },
+                    settings: RoomSettings { topic: "new topic".to_owned(), ..settings(Visibility::Public) },
                 },
             }
         }
@@ -1021,32 +795,13 @@ mod tests {
             let room = lobby();
             let refusal = match self {
                 Done => return Outcome::Done,
-                Denied => Refusal::PermissionDenied {
-                    room,
-                    actor: user(actor),
-                    action: action.description(),
-                },
+                Denied => Refusal::PermissionDenied { room, actor: user(actor), action: action.description() },
                 SelfTarget => Refusal::SelfTarget(user(actor)),
-                NotMember(who) => Refusal::NotMember {
-                    room,
-                    user: user(who),
-                },
-                AlreadyMember(who) => Refusal::AlreadyMember {
-                    room,
-                    user: user(who),
-                },
-                Banned(who) => Refusal::Banned {
-                    room,
-                    user: user(who),
-                },
-                NotBanned(who) => Refusal::NotBanned {
-                    room,
-                    user: user(who),
-                },
-                NotInvited(who) => Refusal::NotInvited {
-                    room,
-                    user: user(who),
-                },
+                NotMember(who) => Refusal::NotMember { room, user: user(who) },
+                AlreadyMember(who) => Refusal::AlreadyMember { room, user: user(who) },
+                Banned(who) => Refusal::Banned { room, user: user(who) },
+                NotBanned(who) => Refusal::NotBanned { room, user: user(who) },
+                NotInvited(who) => Refusal::NotInvited { room, user: user(who) },
             };
             Outcome::Refused(refusal)
         }
@@ -1056,18 +811,11 @@ mod tests {
     fn rule_table_covers_every_standing_and_action_once() {
         for actor in ACTORS {
             for action in ACTIONS {
-                let rows = TABLE
-                    .iter()
-                    .filter(|r| r.actor == actor && r.action == action)
-                    .count();
+                let rows = TABLE.iter().filter(|r| r.actor == actor && r.action == action).count();
                 assert_eq!(rows, 1, "rows for {actor} doing {action:?}");
             }
         }
-        assert_eq!(
-            TABLE.len(),
-            ACTORS.len() * ACTIONS.len(),
-            "the table has extra rows"
-        );
+        assert_eq!(TABLE.len(), ACTORS.len() * ACTIONS.len(), "the table has extra rows");
     }
 
     #[test]
@@ -1091,25 +839,15 @@ mod tests {
                     ));
                 }
                 if matches!(outcome, Outcome::Refused(_)) && state != before {
-                    failures.push(format!(
-                        "{visibility:?}: {} {:?}: refused but changed the state",
-                        row.actor, row.action
-                    ));
+                    failures
+                        .push(format!("{visibility:?}: {} {:?}: refused but changed the state", row.actor, row.action));
                 }
                 if let Err(broken) = check_invariants(&state) {
-                    failures.push(format!(
-                        "{visibility:?}: {} {:?}: {broken}",
-                        row.actor, row.action
-                    ));
+                    failures.push(format!("{visibility:?}: {} {:?}: {broken}", row.actor, row.action));
                 }
             }
         }
-        assert!(
-            failures.is_empty(),
-            "{} rule(s) broken:\n{}",
-            failures.len(),
-            failures.join("\n")
-        );
+        assert!(failures.is_empty(), "{} rule(s) broken:\n{}", failures.len(), failures.join("\n"));
     }
 
     // ---------------------------------------------------------------------------------------
@@ -1124,52 +862,27 @@ mod tests {
     }
 
     fn set_role(actor: &str, target: &str, role: Role) -> Command {
-        Command::SetRole {
-            room: lobby(),
-            actor: user(actor),
-            target: user(target),
-            role,
-        }
+        Command::SetRole { room: lobby(), actor: user(actor), target: user(target), role }
     }
 
     fn leave(name: &str) -> Command {
-        Command::Leave {
-            room: lobby(),
-            user: user(name),
-        }
+        Command::Leave { room: lobby(), user: user(name) }
     }
 
     fn join(name: &str, at_ms: u64) -> Command {
-        Command::Join {
-            room: lobby(),
-            user: user(name),
-            at_ms,
-        }
+        Command::Join { room: lobby(), user: user(name), at_ms }
     }
 
     fn invite(actor: &str, target: &str) -> Command {
-        Command::Invite {
-            room: lobby(),
-            actor: user(actor),
-            target: user(target),
-        }
+        Command::Invite { room: lobby(), actor: user(actor), target: user(target) }
     }
 
     fn ban(actor: &str, target: &str, reason: &str, at_ms: u64) -> Command {
-        Command::Ban {
-            room: lobby(),
-            actor: user(actor),
-            target: user(target),
-            reason: reason.to_owned(),
-            at_ms,
-        }
+        Command::Ban { room: lobby(), actor: user(actor), target: user(target), reason: reason.to_owned(), at_ms }
     }
 
     fn last_owner(name: &str) -> Outcome {
-        Outcome::Refused(Refusal::LastOwner {
-            room: lobby(),
-            user: user(name),
-        })
+        Outcome::Refused(Refusal::LastOwner { room: lobby(), user: user(name) })
     }
 
     #[test]
@@ -1178,40 +891,24 @@ mod tests {
         must(&mut state, create(LOBBY, OLGA, Visibility::Public));
         must(&mut state, join(MIA, 2));
 
-        for command in [
-            leave(OLGA),
-            set_role(OLGA, OLGA, Role::Admin),
-            set_role(OLGA, OLGA, Role::Member),
-        ] {
+        for command in [leave(OLGA), set_role(OLGA, OLGA, Role::Admin), set_role(OLGA, OLGA, Role::Member)] {
             let before = state.clone();
             assert_eq!(state.apply(&command), last_owner(OLGA), "{command:?}");
             assert_eq!(state, before, "{command:?} changed the state");
         }
         // Keeping the role is not a demotion.
-        assert_eq!(
-            state.apply(&set_role(OLGA, OLGA, Role::Owner)),
-            Outcome::Done
-        );
+        assert_eq!(state.apply(&set_role(OLGA, OLGA, Role::Owner)), Outcome::Done);
 
         // With a second owner, either may step down; then the other is the last.
         must(&mut state, set_role(OLGA, MIA, Role::Owner));
-        assert_eq!(
-            state.apply(&set_role(OLGA, OLGA, Role::Admin)),
-            Outcome::Done
-        );
+        assert_eq!(state.apply(&set_role(OLGA, OLGA, Role::Admin)), Outcome::Done);
         assert_eq!(room_of(&state).role_of(&user(OLGA)), Some(Role::Admin));
         assert_eq!(state.apply(&leave(MIA)), last_owner(MIA));
-        assert_eq!(
-            state.apply(&set_role(MIA, MIA, Role::Member)),
-            last_owner(MIA)
-        );
+        assert_eq!(state.apply(&set_role(MIA, MIA, Role::Member)), last_owner(MIA));
         // The remaining owner may demote nobody else into ownerlessness: demoting another
         // owner keeps the actor an owner.
         must(&mut state, set_role(MIA, OLGA, Role::Owner));
-        assert_eq!(
-            state.apply(&set_role(MIA, OLGA, Role::Member)),
-            Outcome::Done
-        );
+        assert_eq!(state.apply(&set_role(MIA, OLGA, Role::Member)), Outcome::Done);
         assert_eq!(state.apply(&leave(OLGA)), Outcome::Done);
         assert_eq!(state.apply(&leave(MIA)), last_owner(MIA));
         check_invariants(&state).unwrap_or_else(|broken| panic!("{broken}"));
@@ -1226,10 +923,7 @@ mod tests {
             assert_eq!(state, before, "{name} joining again changed the state");
         }
         assert_eq!(state.apply(&join(NINA, 20)), Outcome::Done);
-        let expected = Membership {
-            role: Role::Member,
-            joined_at_ms: 20,
-        };
+        let expected = Membership { role: Role::Member, joined_at_ms: 20 };
         assert_eq!(room_of(&state).members.get(&user(NINA)), Some(&expected));
         let before = state.clone();
         assert_eq!(state.apply(&join(NINA, 21)), Outcome::Done);
@@ -1247,19 +941,13 @@ mod tests {
 
         assert_eq!(state.apply(&join(NINA, 30)), Outcome::Done);
         assert!(room_of(&state).is_member(&user(NINA)));
-        assert!(
-            room_of(&state).invited.is_empty(),
-            "the invitation was not consumed"
-        );
+        assert!(room_of(&state).invited.is_empty(), "the invitation was not consumed");
 
         // The invitation was used up: after leaving, nina needs a new one.
         must(&mut state, leave(NINA));
         assert_eq!(
             state.apply(&join(NINA, 31)),
-            Outcome::Refused(Refusal::NotInvited {
-                room: lobby(),
-                user: user(NINA)
-            })
+            Outcome::Refused(Refusal::NotInvited { room: lobby(), user: user(NINA) })
         );
     }
 
@@ -1270,54 +958,27 @@ mod tests {
         must(&mut state, ban(ADAM, NINA, "flood", 40));
         must(&mut state, ban(ADAM, MIA, "spam", 41));
         let room = room_of(&state);
-        assert!(
-            !room.invited.contains(&user(NINA)),
-            "the invitation survived the ban"
-        );
-        assert!(
-            !room.is_member(&user(MIA)),
-            "the membership survived the ban"
-        );
+        assert!(!room.invited.contains(&user(NINA)), "the invitation survived the ban");
+        assert!(!room.is_member(&user(MIA)), "the membership survived the ban");
         assert_eq!(room.role_of(&user(MIA)), None);
 
         must(&mut state, ban(OLGA, MIA, "spam again", 42));
-        let expected = BanRecord {
-            by: user(OLGA),
-            reason: "spam again".to_owned(),
-            at_ms: 42,
-        };
+        let expected = BanRecord { by: user(OLGA), reason: "spam again".to_owned(), at_ms: 42 };
         assert_eq!(room_of(&state).banned.get(&user(MIA)), Some(&expected));
 
         // Unbanned, mia is an outsider: she needs an invitation like anyone else.
-        must(
-            &mut state,
-            Command::Unban {
-                room: lobby(),
-                actor: user(ADAM),
-                target: user(MIA),
-            },
-        );
-        assert!(room_of(&state).banned.get(&user(MIA)).is_none());
+        must(&mut state, Command::Unban { room: lobby(), actor: user(ADAM), target: user(MIA) });
+        assert!(!room_of(&state).banned.contains_key(&user(MIA)));
         assert_eq!(
             state.apply(&join(MIA, 43)),
-            Outcome::Refused(Refusal::NotInvited {
-                room: lobby(),
-                user: user(MIA)
-            })
+            Outcome::Refused(Refusal::NotInvited { room: lobby(), user: user(MIA) })
         );
     }
 
     #[test]
     fn kicked_member_may_join_again_as_a_member() {
         let mut state = fixture(Visibility::Public);
-        must(
-            &mut state,
-            Command::Kick {
-                room: lobby(),
-                actor: user(OLGA),
-                target: user(ADAM),
-            },
-        );
+        must(&mut state, Command::Kick { room: lobby(), actor: user(OLGA), target: user(ADAM) });
         assert!(!room_of(&state).is_member(&user(ADAM)));
         must(&mut state, join(ADAM, 50));
         assert_eq!(room_of(&state).role_of(&user(ADAM)), Some(Role::Member));
@@ -1328,14 +989,7 @@ mod tests {
         let mut state = fixture(Visibility::Public);
         must(&mut state, set_role(OLGA, MIA, Role::Admin));
         for (command, action) in [
-            (
-                Command::Kick {
-                    room: lobby(),
-                    actor: user(ADAM),
-                    target: user(MIA),
-                },
-                "kick mia",
-            ),
+            (Command::Kick { room: lobby(), actor: user(ADAM), target: user(MIA) }, "kick mia"),
             (ban(ADAM, MIA, "no", 60), "ban mia"),
         ] {
             let expected = Outcome::Refused(Refusal::PermissionDenied {
@@ -1352,34 +1006,12 @@ mod tests {
         let mut state = fixture(Visibility::Public);
         let missing = RoomId::from("nowhere");
         let commands = [
-            Command::DeleteRoom {
-                room: missing.clone(),
-                actor: user(OLGA),
-            },
-            Command::UpdateRoomSettings {
-                room: missing.clone(),
-                actor: user(OLGA),
-                settings: RoomSettings::default(),
-            },
-            Command::Join {
-                room: missing.clone(),
-                user: user(BOB),
-                at_ms: 1,
-            },
-            Command::Invite {
-                room: missing.clone(),
-                actor: user(NINA),
-                target: user(BOB),
-            },
-            Command::Leave {
-                room: missing.clone(),
-                user: user(NINA),
-            },
-            Command::Kick {
-                room: missing.clone(),
-                actor: user(MIA),
-                target: user(MIA),
-            },
+            Command::DeleteRoom { room: missing.clone(), actor: user(OLGA) },
+            Command::UpdateRoomSettings { room: missing.clone(), actor: user(OLGA), settings: RoomSettings::default() },
+            Command::Join { room: missing.clone(), user: user(BOB), at_ms: 1 },
+            Command::Invite { room: missing.clone(), actor: user(NINA), target: user(BOB) },
+            Command::Leave { room: missing.clone(), user: user(NINA) },
+            Command::Kick { room: missing.clone(), actor: user(MIA), target: user(MIA) },
             Command::Ban {
                 room: missing.clone(),
                 actor: user(MIA),
@@ -1387,17 +1019,8 @@ mod tests {
                 reason: String::new(),
                 at_ms: 1,
             },
-            Command::Unban {
-                room: missing.clone(),
-                actor: user(MIA),
-                target: user(NINA),
-            },
-            Command::SetRole {
-                room: missing.clone(),
-                actor: user(MIA),
-                target: user(NINA),
-                role: Role::Owner,
-            },
+            Command::Unban { room: missing.clone(), actor: user(MIA), target: user(NINA) },
+            Command::SetRole { room: missing.clone(), actor: user(MIA), target: user(NINA), role: Role::Owner },
         ];
         let before = state.clone();
         for command in commands {
@@ -1424,13 +1047,7 @@ mod tests {
         );
         assert_eq!(state, before);
 
-        must(
-            &mut state,
-            Command::DeleteRoom {
-                room: lobby(),
-                actor: user(OLGA),
-            },
-        );
+        must(&mut state, Command::DeleteRoom { room: lobby(), actor: user(OLGA) });
         assert!(state.room(&lobby()).is_none());
         assert_eq!(state.rooms().count(), 0);
         // The id is free again.
@@ -1441,22 +1058,12 @@ mod tests {
     #[test]
     fn register_user_once() {
         let mut state = MetaState::new(false);
-        let register = |hash: &str| Command::RegisterUser {
-            user: user(MIA),
-            password_hash: hash.to_owned(),
-            at_ms: 5,
-        };
+        let register = |hash: &str| Command::RegisterUser { user: user(MIA), password_hash: hash.to_owned(), at_ms: 5 };
         must(&mut state, register("$argon2id$first"));
         let before = state.clone();
-        assert_eq!(
-            state.apply(&register("$argon2id$second")),
-            Outcome::Refused(Refusal::UserExists(user(MIA)))
-        );
+        assert_eq!(state.apply(&register("$argon2id$second")), Outcome::Refused(Refusal::UserExists(user(MIA))));
         assert_eq!(state, before);
-        let expected = UserRecord {
-            password_hash: "$argon2id$first".to_owned(),
-            created_at_ms: 5,
-        };
+        let expected = UserRecord { password_hash: "$argon2id$first".to_owned(), created_at_ms: 5 };
         assert_eq!(state.user(&user(MIA)), Some(&expected));
         assert_eq!(state.user(&user(NINA)), None);
     }
@@ -1466,18 +1073,11 @@ mod tests {
     // ---------------------------------------------------------------------------------------
 
     fn init_cluster(cluster_id: &str) -> Command {
-        Command::InitCluster {
-            cluster_id: cluster_id.to_owned(),
-            token_secret: vec![7; 32],
-            shard_count: 8,
-        }
+        Command::InitCluster { cluster_id: cluster_id.to_owned(), token_secret: vec![7; 32], shard_count: 8 }
     }
 
     fn add_node(grpc_addr: &str, at_ms: u64) -> Command {
-        Command::AddNode {
-            grpc_addr: grpc_addr.to_owned(),
-            at_ms,
-        }
+        Command::AddNode { grpc_addr: grpc_addr.to_owned(), at_ms }
     }
 
     #[test]
@@ -1485,16 +1085,8 @@ mod tests {
         let not_meta = Outcome::Refused(Refusal::NotMetaShard);
         let cases = [
             ("data shard", MetaState::new(false), init_cluster("c1")),
-            (
-                "data shard",
-                MetaState::new(false),
-                add_node("10.0.0.1:7000", 1),
-            ),
-            (
-                "meta shard before InitCluster",
-                MetaState::new(true),
-                add_node("10.0.0.1:7000", 1),
-            ),
+            ("data shard", MetaState::new(false), add_node("10.0.0.1:7000", 1)),
+            ("meta shard before InitCluster", MetaState::new(true), add_node("10.0.0.1:7000", 1)),
         ];
         for (case, mut state, command) in cases {
             let before = state.clone();
@@ -1509,10 +1101,7 @@ mod tests {
         let mut state = MetaState::new(true);
         must(&mut state, init_cluster("c1"));
         let before = state.clone();
-        assert_eq!(
-            state.apply(&init_cluster("c2")),
-            Outcome::Refused(Refusal::AlreadyInitialized)
-        );
+        assert_eq!(state.apply(&init_cluster("c2")), Outcome::Refused(Refusal::AlreadyInitialized));
         assert_eq!(state, before);
         let expected = ClusterInfo {
             cluster_id: "c1".to_owned(),
@@ -1528,34 +1117,17 @@ mod tests {
     fn add_node_numbers_nodes_from_one_and_is_idempotent_on_grpc_addr() {
         let mut state = MetaState::new(true);
         must(&mut state, init_cluster("c1"));
-        assert_eq!(
-            state.apply(&add_node("a:1", 10)),
-            Outcome::NodeAdded(NodeId(1))
-        );
-        assert_eq!(
-            state.apply(&add_node("b:1", 11)),
-            Outcome::NodeAdded(NodeId(2))
-        );
+        assert_eq!(state.apply(&add_node("a:1", 10)), Outcome::NodeAdded(NodeId(1)));
+        assert_eq!(state.apply(&add_node("b:1", 11)), Outcome::NodeAdded(NodeId(2)));
         let before = state.clone();
         // A retried join, even with a later timestamp, gets its first id back.
-        assert_eq!(
-            state.apply(&add_node("a:1", 12)),
-            Outcome::NodeAdded(NodeId(1))
-        );
+        assert_eq!(state.apply(&add_node("a:1", 12)), Outcome::NodeAdded(NodeId(1)));
         assert_eq!(state, before, "a retried join changed the registry");
-        assert_eq!(
-            state.apply(&add_node("c:1", 13)),
-            Outcome::NodeAdded(NodeId(3))
-        );
+        assert_eq!(state.apply(&add_node("c:1", 13)), Outcome::NodeAdded(NodeId(3)));
 
-        let Some(cluster) = state.cluster() else {
-            panic!("no cluster")
-        };
+        let Some(cluster) = state.cluster() else { panic!("no cluster") };
         assert_eq!(cluster.next_node_id, 4);
-        let expected = NodeRecord {
-            grpc_addr: "a:1".to_owned(),
-            joined_at_ms: 10,
-        };
+        let expected = NodeRecord { grpc_addr: "a:1".to_owned(), joined_at_ms: 10 };
         assert_eq!(cluster.nodes.get(&NodeId(1)), Some(&expected));
         assert_eq!(cluster.nodes.len(), 3);
     }
@@ -1588,10 +1160,7 @@ mod tests {
             let mut addrs = BTreeSet::new();
             for (node, record) in &cluster.nodes {
                 if node.0 == 0 || node.0 >= cluster.next_node_id {
-                    return Err(format!(
-                        "node id {node} outside 1..{}",
-                        cluster.next_node_id
-                    ));
+                    return Err(format!("node id {node} outside 1..{}", cluster.next_node_id));
                 }
                 if !addrs.insert(record.grpc_addr.as_str()) {
                     return Err(format!("grpc_addr {} registered twice", record.grpc_addr));
@@ -1614,15 +1183,8 @@ mod tests {
     }
 
     fn any_settings() -> impl Strategy<Value = RoomSettings> {
-        (
-            prop::sample::select(vec!["", "t"]),
-            prop::sample::select(vec![Visibility::Public, Visibility::InviteOnly]),
-        )
-            .prop_map(|(title, visibility)| RoomSettings {
-                title: title.to_owned(),
-                topic: String::new(),
-                visibility,
-            })
+        (prop::sample::select(vec!["", "t"]), prop::sample::select(vec![Visibility::Public, Visibility::InviteOnly]))
+            .prop_map(|(title, visibility)| RoomSettings { title: title.to_owned(), topic: String::new(), visibility })
     }
 
     fn any_at_ms() -> impl Strategy<Value = u64> {

@@ -1,11 +1,13 @@
 //! Starting one shard replica: its Raft configuration, log store and state machine.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::network::RaftNetworkFactory;
 use openraft::{Config, SnapshotPolicy};
+use palaver_crdt::{HlcClock, ReplicaId};
 use palaver_ids::{NodeId, ShardId};
 
+use crate::crdt_store::CrdtStore;
 use crate::engine::KvEngine;
 use crate::error::StorageError;
 use crate::log_store::{GroupCommit, ShardLogStore};
@@ -23,7 +25,10 @@ pub const SNAPSHOT_LOGS_SINCE_LAST_DEFAULT: u64 = 5_000;
 /// Most entries in one AppendEntries request.
 pub const APPEND_ENTRIES_MAX: u64 = 512;
 
-const _: () = assert!(HEARTBEAT_INTERVAL_MS * 2 < ELECTION_TIMEOUT_MS_MIN, "a follower must see two heartbeats per election timeout");
+const _: () = assert!(
+    HEARTBEAT_INTERVAL_MS * 2 < ELECTION_TIMEOUT_MS_MIN,
+    "a follower must see two heartbeats per election timeout"
+);
 const _: () = assert!(ELECTION_TIMEOUT_MS_MIN < ELECTION_TIMEOUT_MS_MAX, "election timeouts need a random spread");
 
 /// Tunables of a shard replica that tests and operators change.
@@ -51,13 +56,13 @@ pub fn raft_config(options: ReplicaOptions) -> Result<Arc<Config>, String> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(options.snapshot_logs_since_last),
         max_in_snapshot_log_to_keep: options.snapshot_logs_since_last / 5,
         install_snapshot_timeout: 10_000,
-        send_snapshot_timeout: 10_000,
         ..Default::default()
     };
     config.validate().map(Arc::new).map_err(|e| format!("invalid raft config: {e}"))
 }
 
-/// One started shard replica: its Raft handle and a shared view of its state machine.
+/// One started shard replica: its Raft handle, a shared view of its state machine, and its
+/// CRDT store.
 #[derive(Debug, Clone)]
 pub struct Replica {
     /// The shard.
@@ -66,6 +71,8 @@ pub struct Replica {
     pub raft: Raft,
     /// The applied state, for reads.
     pub state: ShardStateMachine,
+    /// The rooms' messages, reactions, presence, typing and read markers.
+    pub crdt: CrdtStore,
 }
 
 /// Errors starting a replica.
@@ -81,6 +88,7 @@ pub enum StartError {
 
 impl Replica {
     /// Start the replica of `shard` on node `node`, restoring whatever `engine` holds for it.
+    /// `clock` is the node's hybrid clock, shared by its replicas' CRDT stores.
     pub async fn start<N>(
         node: NodeId,
         shard: ShardId,
@@ -88,17 +96,19 @@ impl Replica {
         group_commit: GroupCommit,
         network: N,
         options: ReplicaOptions,
+        clock: Arc<Mutex<HlcClock>>,
     ) -> Result<Self, StartError>
     where
         N: RaftNetworkFactory<TypeConfig>,
         N::Network: openraft::network::NetSnapshot<TypeConfig, SnapshotData = SnapshotData>,
     {
         let config = raft_config(options).map_err(StartError::Raft)?;
+        let crdt = CrdtStore::open(shard, ReplicaId(node.0), engine.clone(), group_commit.clone(), clock)?;
         let log_store = ShardLogStore::new(shard, engine.clone(), group_commit);
         let state = ShardStateMachine::open(shard, engine)?;
         let raft = openraft::Raft::new(node.0, config, network, log_store, state.clone())
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        Ok(Self { shard, raft, state })
+        Ok(Self { shard, raft, state, crdt })
     }
 }

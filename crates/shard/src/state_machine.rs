@@ -19,7 +19,7 @@ use openraft::{EntryPayload, OptionalSend};
 use palaver_ids::ShardId;
 use serde::{Deserialize, Serialize};
 
-use crate::command::Outcome;
+use crate::command::{Command, Outcome};
 use crate::engine::{Cf, KvEngine, WriteBatch};
 use crate::error::StorageError;
 use crate::keys::{self, SnapshotTag};
@@ -44,6 +44,21 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// A command as applied, for whoever watches the shard (room subscribers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedCommand {
+    /// Where it is in the shard's log.
+    pub log_index: u64,
+    /// The command.
+    pub command: Command,
+    /// What apply returned.
+    pub outcome: Outcome,
+}
+
+/// Applied room commands buffered for slow watchers; one that lags further misses some and is
+/// told so by the broadcast channel.
+pub const APPLIED_COMMANDS_BUFFERED: usize = 1_024;
+
 /// One shard's state machine. Cloning shares it: the node reads [`ShardStateMachine::read`]
 /// while openraft applies.
 #[derive(Debug, Clone)]
@@ -51,6 +66,7 @@ pub struct ShardStateMachine {
     shard: ShardId,
     engine: Arc<dyn KvEngine>,
     applied: Arc<RwLock<Applied>>,
+    watchers: tokio::sync::broadcast::Sender<Arc<AppliedCommand>>,
 }
 
 impl ShardStateMachine {
@@ -59,10 +75,17 @@ impl ShardStateMachine {
         let mut applied = Applied { meta: MetaState::new(shard.is_meta()), ..Applied::default() };
         if let Some(stored) = Self::load_snapshot(shard, engine.as_ref())? {
             applied.meta = keys::decode(&stored.data)?;
-            applied.last_applied = stored.meta.last_log_id.clone();
+            applied.last_applied = stored.meta.last_log_id;
             applied.membership = stored.meta.last_membership.clone();
         }
-        Ok(Self { shard, engine, applied: Arc::new(RwLock::new(applied)) })
+        let (watchers, _) = tokio::sync::broadcast::channel(APPLIED_COMMANDS_BUFFERED);
+        Ok(Self { shard, engine, applied: Arc::new(RwLock::new(applied)), watchers })
+    }
+
+    /// Watch the room commands this replica applies from now on (refused ones included). A
+    /// side channel: it does not change what apply decides.
+    pub fn watch_applied(&self) -> tokio::sync::broadcast::Receiver<Arc<AppliedCommand>> {
+        self.watchers.subscribe()
     }
 
     /// Read the applied state. Hold the guard briefly: apply waits for it.
@@ -98,10 +121,7 @@ impl RaftSnapshotBuilder<TypeConfig> for ShardStateMachine {
         let stored = {
             let applied = self.read();
             StoredSnapshot {
-                meta: SnapshotMeta {
-                    last_log_id: applied.last_applied.clone(),
-                    last_membership: applied.membership.clone(),
-                },
+                meta: SnapshotMeta { last_log_id: applied.last_applied, last_membership: applied.membership.clone() },
                 data: keys::encode(&applied.meta)?,
             }
         };
@@ -120,7 +140,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), std::io::Error> {
         let applied = self.read();
-        Ok((applied.last_applied.clone(), applied.membership.clone()))
+        Ok((applied.last_applied, applied.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, entries: Strm) -> Result<(), std::io::Error>
@@ -134,7 +154,17 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                 applied.last_applied = Some(entry.log_id());
                 match &entry.payload {
                     EntryPayload::Blank => Outcome::Done,
-                    EntryPayload::Normal(command) => applied.meta.apply(command),
+                    EntryPayload::Normal(command) => {
+                        let outcome = applied.meta.apply(command);
+                        if command.room().is_some() && self.watchers.receiver_count() > 0 {
+                            let _ = self.watchers.send(Arc::new(AppliedCommand {
+                                log_index: entry.log_id().index,
+                                command: command.clone(),
+                                outcome: outcome.clone(),
+                            }));
+                        }
+                        outcome
+                    }
                     EntryPayload::Membership(membership) => {
                         applied.membership = StoredMembership::new(Some(entry.log_id()), membership.clone());
                         Outcome::Done
@@ -162,7 +192,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
             .map_err(|e| std::io::Error::other(format!("snapshot task: {e}")))??;
         let mut applied = self.write();
         applied.meta = meta_state;
-        applied.last_applied = meta.last_log_id.clone();
+        applied.last_applied = meta.last_log_id;
         applied.membership = meta.last_membership.clone();
         tracing::info!(shard = %self.shard, last = ?meta.last_log_id, "snapshot installed");
         Ok(())

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use openraft::StorageError;
+use openraft::errors::ErrorSource;
 use openraft::testing::log::{StoreBuilder, Suite};
 use palaver_ids::ShardId;
 use palaver_shard::types::TypeConfig;
@@ -22,9 +23,12 @@ struct RocksBuilder;
 
 impl StoreBuilder<TypeConfig, ShardLogStore, ShardStateMachine, tempfile::TempDir> for RocksBuilder {
     async fn build(&self) -> Result<(tempfile::TempDir, ShardLogStore, ShardStateMachine), StorageError<TypeConfig>> {
-        let dir = tempfile::tempdir().map_err(|e| StorageError::read(openraft::AnyError::new(&e)))?;
-        let engine: Arc<dyn KvEngine> =
-            Arc::new(RocksEngine::open(dir.path()).map_err(|e| StorageError::read(openraft::AnyError::new(&e)))?);
+        let dir =
+            tempfile::tempdir().map_err(|e| StorageError::read(openraft::impls::BoxedErrorSource::from_error(&e)))?;
+        let engine: Arc<dyn KvEngine> = Arc::new(
+            RocksEngine::open(dir.path())
+                .map_err(|e| StorageError::read(openraft::impls::BoxedErrorSource::from_error(&e)))?,
+        );
         stores(engine).map(|(log, sm)| (dir, log, sm))
     }
 }
@@ -35,7 +39,8 @@ fn stores(engine: Arc<dyn KvEngine>) -> Result<(ShardLogStore, ShardStateMachine
     let shard = ShardId(7);
     let group_commit = GroupCommit::start(engine.clone());
     let log = ShardLogStore::new(shard, engine.clone(), group_commit);
-    let sm = ShardStateMachine::open(shard, engine).map_err(|e| StorageError::read(openraft::AnyError::new(&e)))?;
+    let sm = ShardStateMachine::open(shard, engine)
+        .map_err(|e| StorageError::read(openraft::impls::BoxedErrorSource::from_error(&e)))?;
     Ok((log, sm))
 }
 

@@ -40,9 +40,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
 
 /// Ask the node at `addr` for the cluster's status.
 pub async fn fetch_status(addr: &str) -> anyhow::Result<StatusResponse> {
-    let mut client = AdminServiceClient::connect(format!("http://{addr}"))
-        .await
-        .with_context(|| format!("connect to {addr}"))?;
+    let mut client =
+        AdminServiceClient::connect(format!("http://{addr}")).await.with_context(|| format!("connect to {addr}"))?;
     Ok(client.status(StatusRequest {}).await.with_context(|| format!("status from {addr}"))?.into_inner())
 }
 
@@ -76,7 +75,8 @@ fn status_table(status: &StatusResponse) -> String {
     let _ = writeln!(out, "cluster {} (answered by node {})", status.cluster_id, status.answered_by);
     let _ = writeln!(out, "\nNODE  ADDRESS                REACHABLE");
     for node in &status.nodes {
-        let _ = writeln!(out, "{:<5} {:<22} {}", node.node_id, node.grpc_addr, if node.reachable { "yes" } else { "NO" });
+        let _ =
+            writeln!(out, "{:<5} {:<22} {}", node.node_id, node.grpc_addr, if node.reachable { "yes" } else { "NO" });
     }
     let _ = writeln!(out, "\nSHARD  VOTERS        LEADER  TERM  APPLIED");
     for shard in &status.shards {

@@ -37,9 +37,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     super::init_tracing();
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("create {}", args.data_dir.display()))?;
     let engine = Arc::new(RocksEngine::open(&args.data_dir.join("db"))?);
-    let listener = tokio::net::TcpListener::bind(&args.grpc_addr)
-        .await
-        .with_context(|| format!("bind {}", args.grpc_addr))?;
+    let listener =
+        tokio::net::TcpListener::bind(&args.grpc_addr).await.with_context(|| format!("bind {}", args.grpc_addr))?;
     let bootstrap = match (args.init_cluster, args.join) {
         (true, _) => Bootstrap::InitCluster { shard_count: args.shards },
         (false, Some(seed)) => Bootstrap::Join { seed },

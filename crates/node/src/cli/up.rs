@@ -76,7 +76,12 @@ pub async fn start_cluster(
         command.kill_on_drop(true);
         let child = command.spawn().with_context(|| format!("start node {}", i + 1))?;
         if !quiet {
-            println!("node {} pid {} grpc {addr} (log: {})", i + 1, child.id().unwrap_or(0), data_dir.join(format!("node{}.log", i + 1)).display());
+            println!(
+                "node {} pid {} grpc {addr} (log: {})",
+                i + 1,
+                child.id().unwrap_or(0),
+                data_dir.join(format!("node{}.log", i + 1)).display()
+            );
         }
         started.push(NodeProcess { addr: addr.clone(), child });
         // The first node must serve before the others can join through it.
@@ -107,12 +112,11 @@ pub async fn wait_ready(addr: &str, nodes: usize, quiet: bool) -> anyhow::Result
     loop {
         if let Ok(status) = super::admin::fetch_status(addr).await {
             let total = status.shards.len();
-            let ready = status
-                .shards
-                .iter()
-                .filter(|s| s.leader != 0 && s.voters.len() == want_voters)
-                .count();
-            let line = format!("{} of {nodes} nodes registered, {ready} of {total} shards led with {want_voters} voters", status.nodes.len());
+            let ready = status.shards.iter().filter(|s| s.leader != 0 && s.voters.len() == want_voters).count();
+            let line = format!(
+                "{} of {nodes} nodes registered, {ready} of {total} shards led with {want_voters} voters",
+                status.nodes.len()
+            );
             if !quiet && line != last {
                 println!("{line}");
                 last = line;

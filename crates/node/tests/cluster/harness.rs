@@ -29,11 +29,20 @@ pub struct TestCluster {
     extra_args: Vec<String>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+/// A free loopback port below the kernel's ephemeral range (32768 and up), so that a port a
+/// killed node released is not taken as the source port of some other connection before the
+/// node restarts on it. Each call in this process gets a different port.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = 12_000 + (std::process::id() % 1_000) * 10;
+    loop {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(base + offset % 10_000).expect("below 32768");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn spawn(node: &TestNode, bootstrap: &[String], extra: &[String]) -> Child {
@@ -103,8 +112,8 @@ impl TestCluster {
     pub async fn wait_replicated(&self, n: usize) {
         wait_for("every shard led and replicated", || async {
             let status = self.status().await?;
-            let ready = status.nodes.len() == n
-                && status.shards.iter().all(|s| s.leader != 0 && s.voters.len() == n.min(3));
+            let ready =
+                status.nodes.len() == n && status.shards.iter().all(|s| s.leader != 0 && s.voters.len() == n.min(3));
             ready.then_some(())
         })
         .await;
@@ -132,16 +141,32 @@ impl TestCluster {
         Ok(AdminServiceClient::new(channel).status(StatusRequest {}).await?.into_inner())
     }
 
-    /// Wait until node `i` serves and return its status.
+    /// Wait until node `i` serves and return its status; on timeout, show the node's log.
     pub async fn status_from(&self, i: usize) -> StatusResponse {
-        wait_for(&format!("node {} to serve", i + 1), || async { self.try_status(i).await.ok() }).await
+        let deadline = tokio::time::Instant::now() + WAIT_DEADLINE;
+        loop {
+            let attempt = tokio::time::timeout(Duration::from_secs(5), self.try_status(i)).await;
+            if let Ok(Ok(status)) = attempt {
+                return status;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let log = std::fs::read_to_string(self.nodes[i].dir.with_extension("log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+                panic!(
+                    "timed out waiting for node {} ({}) to serve: {attempt:?}\n{}",
+                    i + 1,
+                    self.nodes[i].addr,
+                    tail.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// A chat client connected (lazily) to node `i`.
     pub fn chat(&self, i: usize) -> ChatServiceClient<Channel> {
-        let channel = Channel::from_shared(format!("http://{}", self.nodes[i].addr))
-            .expect("valid address")
-            .connect_lazy();
+        let channel =
+            Channel::from_shared(format!("http://{}", self.nodes[i].addr)).expect("valid address").connect_lazy();
         ChatServiceClient::new(channel)
     }
 
@@ -213,10 +238,5 @@ pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
 
 /// The stable error code of a failed call.
 pub fn code(status: &tonic::Status) -> String {
-    status
-        .metadata()
-        .get("palaver-error")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("<none>")
-        .to_owned()
+    status.metadata().get("palaver-error").and_then(|v| v.to_str().ok()).unwrap_or("<none>").to_owned()
 }

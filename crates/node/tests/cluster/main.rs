@@ -2,6 +2,8 @@
 
 mod harness;
 mod in_process;
+mod messages;
+mod partition;
 
 use harness::{TestCluster, authed, code, login, user, wait_for};
 use palaver_proto::v1::{
@@ -28,9 +30,12 @@ async fn three_nodes_give_the_same_answers() {
     let bob = user(&mut b, "bob").await;
     let carl = user(&mut c, "carl").await;
 
-    a.create_room(authed(CreateRoomRequest { room: "general".into(), title: "General".into(), ..Default::default() }, &olga))
-        .await
-        .expect("create room");
+    a.create_room(authed(
+        CreateRoomRequest { room: "general".into(), title: "General".into(), ..Default::default() },
+        &olga,
+    ))
+    .await
+    .expect("create room");
     b.join(authed(RoomRequest { room: "general".into() }, &bob)).await.expect("bob joins");
     c.join(authed(RoomRequest { room: "general".into() }, &carl)).await.expect("carl joins");
     a.set_role(authed(SetRoleRequest { room: "general".into(), user: "bob".into(), role: Role::Admin as i32 }, &olga))
@@ -186,7 +191,10 @@ async fn bad_input_gets_typed_errors_and_the_node_keeps_serving() {
         ),
         (
             "over-long user name",
-            client.register(RegisterRequest { user: "u".repeat(33), password: "long enough".into() }).await.expect_err(""),
+            client
+                .register(RegisterRequest { user: "u".repeat(33), password: "long enough".into() })
+                .await
+                .expect_err(""),
             "invalid_input",
         ),
         (
@@ -196,12 +204,18 @@ async fn bad_input_gets_typed_errors_and_the_node_keeps_serving() {
         ),
         (
             "taken user name",
-            client.register(RegisterRequest { user: "olga".into(), password: "long enough".into() }).await.expect_err(""),
+            client
+                .register(RegisterRequest { user: "olga".into(), password: "long enough".into() })
+                .await
+                .expect_err(""),
             "user_exists",
         ),
         (
             "wrong password",
-            client.login(LoginRequest { user: "olga".into(), password: "not her password".into() }).await.expect_err(""),
+            client
+                .login(LoginRequest { user: "olga".into(), password: "not her password".into() })
+                .await
+                .expect_err(""),
             "unauthenticated",
         ),
         (
@@ -216,7 +230,10 @@ async fn bad_input_gets_typed_errors_and_the_node_keeps_serving() {
         ),
         (
             "forged token",
-            client.join(authed(RoomRequest { room: "lobby".into() }, &olga.replace("olga", "mia"))).await.expect_err(""),
+            client
+                .join(authed(RoomRequest { room: "lobby".into() }, &olga.replace("olga", "mia")))
+                .await
+                .expect_err(""),
             "unauthenticated",
         ),
         (
@@ -226,7 +243,10 @@ async fn bad_input_gets_typed_errors_and_the_node_keeps_serving() {
         ),
         (
             "over-long room id",
-            client.create_room(authed(CreateRoomRequest { room: "r".repeat(65), ..Default::default() }, &olga)).await.expect_err(""),
+            client
+                .create_room(authed(CreateRoomRequest { room: "r".repeat(65), ..Default::default() }, &olga))
+                .await
+                .expect_err(""),
             "invalid_input",
         ),
         (
@@ -237,7 +257,10 @@ async fn bad_input_gets_typed_errors_and_the_node_keeps_serving() {
         (
             "over-long topic",
             client
-                .create_room(authed(CreateRoomRequest { room: "t".into(), topic: "x".repeat(1025), ..Default::default() }, &olga))
+                .create_room(authed(
+                    CreateRoomRequest { room: "t".into(), topic: "x".repeat(1025), ..Default::default() },
+                    &olga,
+                ))
                 .await
                 .expect_err(""),
             "invalid_input",
@@ -249,7 +272,10 @@ async fn bad_input_gets_typed_errors_and_the_node_keeps_serving() {
         ),
         (
             "unknown user as target",
-            client.kick(authed(TargetRequest { room: "lobby".into(), user: "ghost".into() }, &olga)).await.expect_err(""),
+            client
+                .kick(authed(TargetRequest { room: "lobby".into(), user: "ghost".into() }, &olga))
+                .await
+                .expect_err(""),
             "user_not_found",
         ),
         (

@@ -1,0 +1,302 @@
+//! CRDT replication between the replicas of each shard: pushes and anti-entropy.
+//!
+//! For every local replica and every other member of its Raft group, one task (a *pusher*)
+//! keeps that peer's copy of the shard's rooms up to date:
+//!
+//! - **Push.** When the shard's store changes (a durable event, a side-state change), the pusher
+//!   sends each room the peer lacks something of: the durable events after the peer's known
+//!   version vector (at most [`PUSH_EVENTS_PER_ROOM_MAX`] per room, [`PUSH_ROOMS_MAX`] rooms per
+//!   call) and the side state if its digest differs. The peer applies, fsyncs and answers with
+//!   its copy, which the pusher records — that record is what `quorum` acknowledgements wait on.
+//! - **Anti-entropy.** Every [`ANTI_ENTROPY_INTERVAL_MS`], and at once after a failed call (so
+//!   after a partition heals or a peer restarts), the pusher compares a digest of every room's
+//!   version vector with the peer; if they differ, the two exchange listings of their rooms in
+//!   pages of [`SYNC_ROOMS_PER_PAGE`], and each side then pushes what the other lacks.
+//!
+//! Both directions run: each replica's pushers feed its peers, and a push also tells the
+//! receiver what the sender holds, so the receiver's pusher sends back what the sender lacks.
+//!
+//! Every loop is bounded and every call has a deadline ([`CRDT_CALL_TIMEOUT_MS`]).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use palaver_crdt::{Event, ReplicaId, VersionVector};
+use palaver_ids::{NodeId, RoomId, ShardId};
+use palaver_proto::v1::CrdtRequest;
+use palaver_shard::{CrdtStore, Replica, RoomSummary, SideState, keys};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::node::NodeInner;
+
+/// How often a pusher compares digests with its peer.
+pub const ANTI_ENTROPY_INTERVAL_MS: u64 = 1_000;
+/// Most rooms in one push call.
+pub const PUSH_ROOMS_MAX: usize = 64;
+/// Most events of one room in one push call.
+pub const PUSH_EVENTS_PER_ROOM_MAX: usize = 512;
+/// Most push calls in one round before the pusher yields to anti-entropy and new changes.
+pub const PUSH_CALLS_PER_ROUND_MAX: usize = 64;
+/// Rooms per page of an anti-entropy listing.
+pub const SYNC_ROOMS_PER_PAGE: usize = 1_024;
+/// Deadline of one replication call.
+pub const CRDT_CALL_TIMEOUT_MS: u64 = 5_000;
+/// Pause after a failed call before the pusher tries that peer again.
+pub const PUSH_RETRY_MS: u64 = 200;
+
+const _: () = assert!(PUSH_RETRY_MS < ANTI_ENTROPY_INTERVAL_MS);
+
+/// One room's part of a push.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomPush {
+    /// The room.
+    pub room: RoomId,
+    /// The sender's durable copy (after these events), so the receiver can push back.
+    pub sender: RoomSummary,
+    /// Events the receiver lacks, each replica's in counter order.
+    pub events: Vec<Event>,
+    /// The sender's side state, if the receiver's digest differs.
+    pub side: Option<SideState>,
+}
+
+/// A replication message between two replicas of a shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CrdtMessage {
+    /// Events and side state the receiver lacks.
+    Push(Vec<RoomPush>),
+    /// Anti-entropy: the sender's digest and a page of its rooms, `[from, to)` (`to` `None`: to
+    /// the end).
+    Sync {
+        /// Digest of every room of the sender.
+        digest: [u8; 32],
+        /// First room of the page's range.
+        from: RoomId,
+        /// End of the page's range (exclusive); `None`: the last page.
+        to: Option<RoomId>,
+        /// The sender's rooms in the range.
+        rooms: Vec<RoomSummary>,
+    },
+}
+
+/// The answer to a [`CrdtMessage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CrdtAnswer {
+    /// The receiver's copy of each pushed room, after applying.
+    Pushed(Vec<RoomSummary>),
+    /// Same digest: nothing to exchange.
+    InSync,
+    /// The receiver's rooms in the page's range.
+    Listing(Vec<RoomSummary>),
+}
+
+/// The pusher tasks of a node, by (shard, peer).
+#[derive(Debug, Default)]
+pub struct Replication {
+    tasks: Mutex<BTreeMap<(ShardId, NodeId), JoinHandle<()>>>,
+}
+
+impl Replication {
+    /// Start a pusher for every (local replica, other group member) that has none, and stop
+    /// those whose peer left the group.
+    pub fn ensure_pushers(&self, node: &Arc<NodeInner>, stopped: &watch::Receiver<bool>) {
+        let mut wanted = BTreeMap::new();
+        for replica in node.replicas.all() {
+            let metrics = replica.raft.metrics();
+            let metrics = metrics.borrow_watched();
+            let membership = metrics.membership_config.membership();
+            for (id, member) in membership.nodes() {
+                if *id != node.id.0 {
+                    wanted.insert((replica.shard, NodeId(*id)), (replica.clone(), member.addr.clone()));
+                }
+            }
+        }
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|key, task| {
+            let keep = wanted.contains_key(key) && !task.is_finished();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for (key, (replica, addr)) in wanted {
+            if tasks.contains_key(&key) {
+                continue;
+            }
+            let pusher = Pusher { node: node.clone(), replica, peer: key.1, addr, stopped: stopped.clone() };
+            tasks.insert(key, tokio::spawn(pusher.run()));
+        }
+    }
+
+    /// Stop every pusher and wait for them.
+    pub async fn shutdown(&self) {
+        let tasks: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner())).into_values().collect();
+        for task in tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+/// Keeps one peer's copy of one shard's rooms up to date.
+struct Pusher {
+    node: Arc<NodeInner>,
+    replica: Replica,
+    peer: NodeId,
+    addr: String,
+    stopped: watch::Receiver<bool>,
+}
+
+impl Pusher {
+    async fn run(mut self) {
+        let store = self.replica.crdt.clone();
+        let mut changes = store.changes();
+        let mut sync_due = true;
+        let mut tick = tokio::time::interval(Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if sync_due {
+                match self.sync(&store).await {
+                    Ok(()) => sync_due = false,
+                    Err(e) => {
+                        tracing::debug!(shard = %store.shard(), peer = %self.peer, error = %e, "anti-entropy failed")
+                    }
+                }
+            }
+            if !sync_due && let Err(e) = self.push(&store).await {
+                tracing::debug!(shard = %store.shard(), peer = %self.peer, error = %e, "push failed");
+                sync_due = true;
+            }
+            let pause = async {
+                if sync_due {
+                    tokio::time::sleep(Duration::from_millis(PUSH_RETRY_MS)).await;
+                    true
+                } else {
+                    tokio::select! {
+                        _ = tick.tick() => true,
+                        changed = changes.changed() => changed.is_err(),
+                    }
+                }
+            };
+            tokio::select! {
+                periodic = pause => sync_due |= periodic,
+                _ = self.stopped.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    async fn call(&self, message: &CrdtMessage) -> Result<CrdtAnswer, String> {
+        let link = self.node.replicas.peers().link(&self.addr).map_err(|e| e.to_string())?;
+        let payload = keys::encode(message).map_err(|e| e.to_string())?;
+        let request = CrdtRequest { shard: self.replica.shard.0, from: self.node.id.0, payload };
+        let mut client = link.client();
+        let call = client.crdt(request);
+        let reply = tokio::time::timeout(Duration::from_millis(CRDT_CALL_TIMEOUT_MS), call)
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|status| status.message().to_owned())?;
+        keys::decode(&reply.into_inner().payload).map_err(|e| e.to_string())
+    }
+
+    /// One full anti-entropy exchange: digests, then listings page by page if they differ.
+    async fn sync(&self, store: &CrdtStore) -> Result<(), String> {
+        let peer = ReplicaId(self.peer.0);
+        let mut from = RoomId(String::new());
+        loop {
+            let page = store.summaries(Some(&from), SYNC_ROOMS_PER_PAGE + 1);
+            let (rooms, to) = if page.len() > SYNC_ROOMS_PER_PAGE {
+                let next = page[SYNC_ROOMS_PER_PAGE].room.clone();
+                (page[..SYNC_ROOMS_PER_PAGE].to_vec(), Some(next))
+            } else {
+                (page, None)
+            };
+            let message =
+                CrdtMessage::Sync { digest: store.digest(), from: from.clone(), to: to.clone(), rooms: rooms.clone() };
+            match self.call(&message).await? {
+                CrdtAnswer::InSync => {
+                    let everything = store.summaries(None, usize::MAX);
+                    store.record_peer_listing(peer, &everything, &RoomId(String::new()), None);
+                    return Ok(());
+                }
+                CrdtAnswer::Listing(theirs) => store.record_peer_listing(peer, &theirs, &from, to.as_ref()),
+                CrdtAnswer::Pushed(_) => return Err("unexpected answer to a sync".into()),
+            }
+            match to {
+                Some(next) => from = next,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Push until the peer lacks nothing (or the round's bound is reached).
+    async fn push(&self, store: &CrdtStore) -> Result<(), String> {
+        let peer = ReplicaId(self.peer.0);
+        for _ in 0..PUSH_CALLS_PER_ROUND_MAX {
+            let behind = store.rooms_behind(peer, PUSH_ROOMS_MAX);
+            if behind.is_empty() {
+                return Ok(());
+            }
+            let mut pushes = Vec::with_capacity(behind.len());
+            for (room, held, side_behind) in behind {
+                let cell = store.room(&room).await.map_err(|e| e.to_string())?;
+                let events = cell.durable_delta(&held, PUSH_EVENTS_PER_ROOM_MAX);
+                let side = if side_behind { Some(cell.lock().side.clone()) } else { None };
+                let sender = store.summaries(Some(&room), 1).into_iter().next().filter(|s| s.room == room);
+                let sender = sender.unwrap_or_else(|| RoomSummary {
+                    room: room.clone(),
+                    version_vector: VersionVector::new(),
+                    side_digest: [0; 32],
+                });
+                pushes.push(RoomPush { room, sender, events, side });
+            }
+            let CrdtAnswer::Pushed(copies) = self.call(&CrdtMessage::Push(pushes)).await? else {
+                return Err("unexpected answer to a push".into());
+            };
+            let mut progressed = false;
+            for copy in &copies {
+                progressed |= store.record_peer(peer, &copy.room, &copy.version_vector, Some(copy.side_digest));
+            }
+            if !progressed {
+                // The peer took nothing (a refused or conflicting event): stop instead of
+                // spinning; anti-entropy and the next change try again.
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Handle a replication message from `from` for `store` (the receiving side).
+pub async fn handle(store: &CrdtStore, from: NodeId, message: CrdtMessage, now_ms: u64) -> Result<CrdtAnswer, String> {
+    let peer = ReplicaId(from.0);
+    match message {
+        CrdtMessage::Push(pushes) => {
+            let mut copies = Vec::with_capacity(pushes.len());
+            for push in pushes {
+                let copy =
+                    store.apply_remote(&push.room, push.events, push.side, now_ms).await.map_err(|e| e.to_string())?;
+                store.record_peer(peer, &push.room, &push.sender.version_vector, Some(push.sender.side_digest));
+                copies.push(copy);
+            }
+            Ok(CrdtAnswer::Pushed(copies))
+        }
+        CrdtMessage::Sync { digest, from: start, to, rooms } => {
+            if digest == store.digest() {
+                let everything = store.summaries(None, usize::MAX);
+                store.record_peer_listing(peer, &everything, &RoomId(String::new()), None);
+                return Ok(CrdtAnswer::InSync);
+            }
+            store.record_peer_listing(peer, &rooms, &start, to.as_ref());
+            let mine = store
+                .summaries(Some(&start), usize::MAX)
+                .into_iter()
+                .take_while(|summary| to.as_ref().is_none_or(|to| summary.room < *to))
+                .collect();
+            Ok(CrdtAnswer::Listing(mine))
+        }
+    }
+}

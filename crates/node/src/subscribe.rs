@@ -1,0 +1,196 @@
+//! Room subscriptions: a client's live view of a room, resumable from its version vector.
+//!
+//! A subscription first sends every durable event the client's version vector lacks (each
+//! replica's in counter order, so the client's vector stays gapless), then a `caught_up` marker
+//! with the vector reached and the room's side state, then live events as they become durable
+//! here, and membership changes as this replica applies them. Events are pulled from the room's
+//! log, not buffered per subscriber: a slow subscriber only slows its own stream (the bounded
+//! channel to it fills), and memory does not grow. A subscriber that falls more than
+//! [`palaver_shard::state_machine::APPLIED_COMMANDS_BUFFERED`] membership changes behind is
+//! ended with `resource_exhausted` and resubscribes with its version vector, missing nothing.
+//!
+//! A subscriber whose membership ends (left, kicked, banned, room deleted) is sent that change
+//! and then the stream ends with `not_member`.
+
+use std::sync::Arc;
+
+use palaver_crdt::VersionVector;
+use palaver_ids::{RoomId, UserName};
+use palaver_proto::v1 as pb;
+use palaver_shard::crdt_store::SideChange;
+use palaver_shard::state_machine::AppliedCommand;
+use palaver_shard::{Command, Outcome, Refusal, Replica};
+use tokio::sync::{broadcast, mpsc};
+use tonic::Status;
+
+use crate::convert;
+use crate::error::ApiError;
+use crate::limits;
+use crate::node::NodeInner;
+use crate::ops::Ops;
+
+/// Most events pulled from the log per step of a subscription.
+pub const SUBSCRIPTION_EVENTS_PER_PULL: usize = 256;
+/// Events queued to one subscriber before its stream waits for it.
+pub const SUBSCRIPTION_QUEUE_EVENTS: usize = 64;
+
+/// The stream a subscription feeds.
+pub type EventStream = tokio_stream::wrappers::ReceiverStream<Result<pb::RoomEvent, Status>>;
+
+impl Ops {
+    /// Subscribe `user` to `room`, resuming after `have`.
+    pub async fn subscribe(&self, user: &UserName, room: &str, have: VersionVector) -> Result<EventStream, ApiError> {
+        let room = limits::room_id(room)?;
+        let shard = self.node().ring.shard_of_room(&room);
+        let replica = self.node().replicas.get(shard).ok_or_else(|| ApiError::Unavailable {
+            shard: shard.0,
+            reason: format!("node {} holds no replica of shard {shard}; connect to a node that does", self.node().id),
+        })?;
+        // Watch membership before checking it, so that no change between the check and the
+        // stream's start goes unseen.
+        let applied = replica.state.watch_applied();
+        self.member_role(&replica, &room, user).await?;
+        let (sender, receiver) = mpsc::channel(SUBSCRIPTION_QUEUE_EVENTS);
+        let subscription = Subscription { node: self.node().clone(), replica, room, user: user.clone(), have, sender };
+        tokio::spawn(subscription.run(applied));
+        Ok(tokio_stream::wrappers::ReceiverStream::new(receiver))
+    }
+}
+
+struct Subscription {
+    node: Arc<NodeInner>,
+    replica: Replica,
+    room: RoomId,
+    user: UserName,
+    have: VersionVector,
+    sender: mpsc::Sender<Result<pb::RoomEvent, Status>>,
+}
+
+/// Why a subscription ended.
+enum End {
+    /// The client went away.
+    Gone,
+    /// The subscription must end with this error.
+    Error(Status),
+}
+
+impl Subscription {
+    async fn run(mut self, applied: broadcast::Receiver<Arc<AppliedCommand>>) {
+        let _registered = self.node.register_subscription(&self.user, &self.room);
+        if let End::Error(status) = self.serve(applied).await {
+            let _ = self.sender.send(Err(status)).await;
+        }
+    }
+
+    async fn send(&self, event: pb::room_event::Event) -> Result<(), End> {
+        let event = pb::RoomEvent { room: self.room.0.clone(), event: Some(event) };
+        self.sender.send(Ok(event)).await.map_err(|_| End::Gone)
+    }
+
+    async fn serve(&mut self, mut applied: broadcast::Receiver<Arc<AppliedCommand>>) -> End {
+        let cell = match self.replica.crdt.room(&self.room).await {
+            Ok(cell) => cell,
+            Err(e) => return End::Error(ApiError::from(e).into()),
+        };
+        let mut durable = cell.watch_durable();
+        let mut side = cell.subscribe_side();
+        let mut caught_up = false;
+        loop {
+            durable.borrow_and_update();
+            let events = cell.durable_delta(&self.have, SUBSCRIPTION_EVENTS_PER_PULL);
+            if !events.is_empty() {
+                let converted: Vec<pb::MessageEvent> = {
+                    let state = cell.lock();
+                    events.iter().map(|event| convert::message_event(event, &state.log)).collect()
+                };
+                for (event, message) in events.iter().zip(converted) {
+                    if let Err(end) = self.send(pb::room_event::Event::Message(message)).await {
+                        return end;
+                    }
+                    self.have.advance(event.dot);
+                }
+                continue;
+            }
+            if !caught_up {
+                caught_up = true;
+                if let Err(end) =
+                    self.send(pb::room_event::Event::CaughtUp(convert::version_vector_to_pb(&self.have))).await
+                {
+                    return end;
+                }
+                let state = cell.lock().side.clone();
+                let now_ms = self.node.now_ms();
+                if let Err(end) = self.send(pb::room_event::Event::State(convert::side_to_pb(&state, now_ms))).await {
+                    return end;
+                }
+            }
+            let step = tokio::select! {
+                changed = durable.changed() => match changed {
+                    Ok(()) => Ok(()),
+                    Err(_) => Err(End::Gone),
+                },
+                change = side.recv() => match change {
+                    Ok(SideChange::State(state)) => {
+                        let now_ms = self.node.now_ms();
+                        self.send(pb::room_event::Event::State(convert::side_to_pb(&state, now_ms))).await
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let state = cell.lock().side.clone();
+                        let now_ms = self.node.now_ms();
+                        self.send(pb::room_event::Event::State(convert::side_to_pb(&state, now_ms))).await
+                    }
+                    Err(broadcast::error::RecvError::Closed) => Err(End::Gone),
+                },
+                command = applied.recv() => match command {
+                    Ok(command) => self.membership(&command).await,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => Err(End::Error(Status::resource_exhausted(
+                        format!("subscriber fell {missed} membership changes behind; resubscribe with your version vector"),
+                    ))),
+                    Err(broadcast::error::RecvError::Closed) => Err(End::Gone),
+                },
+                () = self.sender.closed() => Err(End::Gone),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Send a membership change of this room; end the subscription if it removed the user.
+    async fn membership(&self, applied: &AppliedCommand) -> Result<(), End> {
+        if applied.command.room() != Some(&self.room) || applied.outcome != Outcome::Done {
+            return Ok(());
+        }
+        let (user, change, actor) = match &applied.command {
+            Command::CreateRoom { owner, .. } => (owner, "created", owner),
+            Command::DeleteRoom { actor, .. } => (actor, "deleted", actor),
+            Command::UpdateRoomSettings { actor, .. } => (actor, "settings", actor),
+            Command::Join { user, .. } => (user, "joined", user),
+            Command::Invite { actor, target, .. } => (target, "invited", actor),
+            Command::Leave { user, .. } => (user, "left", user),
+            Command::Kick { actor, target, .. } => (target, "kicked", actor),
+            Command::Ban { actor, target, .. } => (target, "banned", actor),
+            Command::Unban { actor, target, .. } => (target, "unbanned", actor),
+            Command::SetRole { actor, target, .. } => (target, "role", actor),
+            Command::InitCluster { .. } | Command::AddNode { .. } | Command::RegisterUser { .. } => return Ok(()),
+        };
+        let role = self.replica.state.read().meta.room(&self.room).and_then(|room| room.role_of(user));
+        let event = pb::MembershipEvent {
+            user: user.0.clone(),
+            change: change.to_owned(),
+            actor: actor.0.clone(),
+            role: convert::role_to_pb(role),
+        };
+        self.send(pb::room_event::Event::Membership(event)).await?;
+        let removed = match change {
+            "deleted" => true,
+            "left" | "kicked" | "banned" => *user == self.user,
+            _ => false,
+        };
+        if removed {
+            let refusal = Refusal::NotMember { room: self.room.clone(), user: self.user.clone() };
+            return Err(End::Error(ApiError::Refused(refusal).into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,257 @@
+//! The CRDT plane on real node processes: durability of acknowledged posts across kill -9,
+//! resumable subscriptions, and the typed errors clients meet.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use palaver_proto::v1::chat_service_client::ChatServiceClient;
+use palaver_proto::v1::{
+    AckLevel, CreateRoomRequest, EditRequest, HistoryRequest, MessageEventKind, PostRequest, ReactRequest, RoomEvent,
+    RoomRequest, SubscribeRequest, VersionVector, room_event,
+};
+use tonic::transport::Channel;
+
+use crate::harness::{TestCluster, authed, code, user, wait_for};
+
+async fn post(
+    client: &mut ChatServiceClient<Channel>,
+    token: &str,
+    room: &str,
+    body: &str,
+    ack: AckLevel,
+) -> Result<String, tonic::Status> {
+    let request = PostRequest {
+        room: room.into(),
+        body: body.into(),
+        client_message_id: format!("cid-{body}"),
+        ack: ack as i32,
+        seen: None,
+    };
+    Ok(client.post(authed(request, token)).await?.into_inner().message_id)
+}
+
+async fn history(
+    client: &mut ChatServiceClient<Channel>,
+    token: &str,
+    room: &str,
+) -> Result<Vec<String>, tonic::Status> {
+    let request = HistoryRequest { room: room.into(), limit: 500, oldest_first: true, ..Default::default() };
+    let page = client.history(authed(request, token)).await?.into_inner();
+    Ok(page.messages.into_iter().map(|m| m.message_id).collect())
+}
+
+async fn room_with(cluster: &TestCluster, room: &str) -> String {
+    let mut client = cluster.chat(0);
+    let ada = user(&mut client, "ada").await;
+    client
+        .create_room(authed(CreateRoomRequest { room: room.into(), ..Default::default() }, &ada))
+        .await
+        .expect("create room");
+    ada
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_acknowledged_posts_survive_kill_9_of_the_accepting_replica() {
+    let mut cluster = TestCluster::start(3, 2, &[]).await;
+    let ada = room_with(&cluster, "durable").await;
+    let mut client = cluster.chat(0);
+    let mut acknowledged = Vec::new();
+    for i in 0..20 {
+        acknowledged.push(post(&mut client, &ada, "durable", &format!("m{i}"), AckLevel::Quorum).await.expect("post"));
+    }
+    cluster.kill(0).await;
+    for i in 1..3 {
+        let got = wait_for("the survivors to hold every acknowledged post", || async {
+            let got = history(&mut cluster.chat(i), &ada, "durable").await.ok()?;
+            (got.len() == acknowledged.len()).then_some(got)
+        })
+        .await;
+        assert_eq!(got, acknowledged, "node {} holds them in posting order", i + 1);
+    }
+    cluster.restart(0).await;
+    let got = wait_for("the restarted replica to serve history", || async {
+        history(&mut cluster.chat(0), &ada, "durable").await.ok()
+    })
+    .await;
+    assert_eq!(got, acknowledged, "the accepting replica kept everything it acknowledged");
+}
+
+/// Read events from `stream` until a `caught_up` marker, recording each message event's dot.
+async fn read_until_caught_up(
+    stream: &mut tonic::Streaming<RoomEvent>,
+    dots: &mut BTreeSet<(u64, u64)>,
+    version_vector: &mut BTreeMap<u64, u64>,
+) -> Vec<(MessageEventKind, String)> {
+    let mut seen = Vec::new();
+    loop {
+        let event = stream.message().await.expect("stream healthy").expect("stream open");
+        match event.event.expect("event set") {
+            room_event::Event::Message(message) => {
+                let position = message.position.expect("position");
+                assert!(dots.insert((position.replica, position.counter)), "event {position:?} delivered twice");
+                let held = version_vector.entry(position.replica).or_default();
+                assert_eq!(position.counter, *held + 1, "each replica's events arrive in order, without gaps");
+                *held = position.counter;
+                let kind = MessageEventKind::try_from(message.kind).expect("known kind");
+                seen.push((kind, message.message_id));
+            }
+            room_event::Event::CaughtUp(vv) => {
+                assert_eq!(vv.entries.into_iter().collect::<BTreeMap<_, _>>(), *version_vector);
+                return seen;
+            }
+            room_event::Event::Membership(_) | room_event::Event::State(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_resumes_on_another_node_and_gets_each_missed_event_once() {
+    let cluster = TestCluster::start(3, 2, &[]).await;
+    let ada = room_with(&cluster, "resume").await;
+    let (mut first, mut second) = (cluster.chat(0), cluster.chat(1));
+    let mut before = Vec::new();
+    for i in 0..5 {
+        before.push(post(&mut second, &ada, "resume", &format!("old-{i}"), AckLevel::Quorum).await.expect("post"));
+    }
+    let mut dots = BTreeSet::new();
+    let mut version_vector = BTreeMap::new();
+    let request = SubscribeRequest { room: "resume".into(), version_vector: None };
+    let mut stream = first.subscribe(authed(request, &ada)).await.expect("subscribe").into_inner();
+    let got = read_until_caught_up(&mut stream, &mut dots, &mut version_vector).await;
+    let posted: BTreeSet<String> = got.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!(posted, before.iter().cloned().collect(), "a fresh subscriber gets the whole room");
+    drop(stream);
+
+    // While away: new posts on two nodes, an edit and a reaction.
+    let mut after = Vec::new();
+    for i in 0..5 {
+        let client = if i % 2 == 0 { &mut first } else { &mut second };
+        after.push(post(client, &ada, "resume", &format!("new-{i}"), AckLevel::Quorum).await.expect("post"));
+    }
+    let edit = EditRequest {
+        room: "resume".into(),
+        message_id: before[0].clone(),
+        body: "old-0, edited".into(),
+        ack: AckLevel::Quorum as i32,
+    };
+    first.edit(authed(edit, &ada)).await.expect("edit");
+    let react = ReactRequest {
+        room: "resume".into(),
+        message_id: after[0].clone(),
+        reaction: "+1".into(),
+        remove: false,
+        ack: AckLevel::Quorum as i32,
+    };
+    second.react(authed(react, &ada)).await.expect("react");
+
+    // Resume on the third node with the version vector held.
+    let mut third = cluster.chat(2);
+    let resume = VersionVector { entries: version_vector.clone().into_iter().collect() };
+    let request = SubscribeRequest { room: "resume".into(), version_vector: Some(resume) };
+    let mut stream = third.subscribe(authed(request, &ada)).await.expect("resubscribe").into_inner();
+    let got = wait_for_all(&mut stream, &mut dots, &mut version_vector, 7).await;
+    let posts: BTreeSet<String> =
+        got.iter().filter(|(kind, _)| *kind == MessageEventKind::Posted).map(|(_, id)| id.clone()).collect();
+    assert_eq!(posts, after.iter().cloned().collect(), "exactly the missed posts, none of the earlier ones");
+    assert!(got.contains(&(MessageEventKind::Edited, before[0].clone())), "the edit: {got:?}");
+    assert!(got.contains(&(MessageEventKind::Reacted, after[0].clone())), "the reaction: {got:?}");
+
+    // And then live.
+    let live = post(&mut first, &ada, "resume", "live", AckLevel::Quorum).await.expect("post");
+    loop {
+        let event = stream.message().await.expect("healthy").expect("open");
+        if let Some(room_event::Event::Message(message)) = event.event {
+            assert_eq!(message.message_id, live);
+            assert_eq!(message.message.expect("the message").body, "live");
+            break;
+        }
+    }
+}
+
+/// Read until `count` message events arrived (a resumed stream may catch up in more than one
+/// step while replication lands), each exactly once.
+async fn wait_for_all(
+    stream: &mut tonic::Streaming<RoomEvent>,
+    dots: &mut BTreeSet<(u64, u64)>,
+    version_vector: &mut BTreeMap<u64, u64>,
+    count: usize,
+) -> Vec<(MessageEventKind, String)> {
+    let mut got = read_until_caught_up(stream, dots, version_vector).await;
+    while got.len() < count {
+        let event = stream.message().await.expect("healthy").expect("open");
+        if let Some(room_event::Event::Message(message)) = event.event {
+            let position = message.position.expect("position");
+            assert!(dots.insert((position.replica, position.counter)), "event {position:?} delivered twice");
+            let held = version_vector.entry(position.replica).or_default();
+            assert_eq!(position.counter, *held + 1);
+            *held = position.counter;
+            got.push((MessageEventKind::try_from(message.kind).expect("kind"), message.message_id));
+        }
+    }
+    assert_eq!(got.len(), count, "nothing extra: {got:?}");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_members_bad_input_and_floods_get_typed_errors() {
+    let cluster = TestCluster::start(3, 2, &[]).await;
+    let ada = room_with(&cluster, "guarded").await;
+    let mut client = cluster.chat(1);
+    let eve = user(&mut client, "eve").await;
+    let mia = user(&mut client, "mia").await;
+    client.join(authed(RoomRequest { room: "guarded".into() }, &mia)).await.expect("mia joins");
+    let first = post(&mut client, &ada, "guarded", "hello", AckLevel::Quorum).await.expect("post");
+
+    let not_member = post(&mut client, &eve, "guarded", "let me in", AckLevel::Quorum).await.expect_err("eve");
+    assert_eq!(code(&not_member), "not_member");
+    assert_eq!(code(&history(&mut client, &eve, "guarded").await.expect_err("eve reads")), "not_member");
+    let subscribe = client
+        .subscribe(authed(SubscribeRequest { room: "guarded".into(), version_vector: None }, &eve))
+        .await
+        .expect_err("eve subscribes");
+    assert_eq!(code(&subscribe), "not_member");
+    let nowhere = post(&mut client, &ada, "nowhere", "hi", AckLevel::Quorum).await.expect_err("no room");
+    assert_eq!(code(&nowhere), "room_not_found");
+
+    let too_big =
+        post(&mut client, &ada, "guarded", &"x".repeat(16 * 1024 + 1), AckLevel::Quorum).await.expect_err("big");
+    assert_eq!(code(&too_big), "invalid_input");
+    let empty = post(&mut client, &ada, "guarded", "", AckLevel::Quorum).await.expect_err("empty");
+    assert_eq!(code(&empty), "invalid_input");
+    let edit = |message_id: &str, body: &str| EditRequest {
+        room: "guarded".into(),
+        message_id: message_id.into(),
+        body: body.into(),
+        ack: AckLevel::Quorum as i32,
+    };
+    let malformed = client.edit(authed(edit("zz", "x"), &ada)).await.expect_err("bad id");
+    assert_eq!(code(&malformed), "invalid_input");
+    let unknown = client.edit(authed(edit(&"0".repeat(32), "x"), &ada)).await.expect_err("unknown id");
+    assert_eq!(code(&unknown), "message_not_found");
+    let not_hers = client.edit(authed(edit(&first, "mine now"), &mia)).await.expect_err("mia edits ada's");
+    assert_eq!(code(&not_hers), "permission_denied");
+
+    // A flood: the burst passes, then typed refusals that say how long to wait.
+    let mut limited = None;
+    for i in 0..100 {
+        if let Err(status) = post(&mut client, &mia, "guarded", &format!("flood-{i}"), AckLevel::One).await {
+            limited = Some(status);
+            break;
+        }
+    }
+    let limited = limited.expect("the flood hits the rate limit");
+    assert_eq!(code(&limited), "rate_limited");
+    let wait_ms: u64 = limited
+        .metadata()
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("retry-after-ms metadata");
+    assert!(wait_ms > 0);
+
+    // The node keeps serving: another user is not limited, and mia is again after the wait.
+    post(&mut client, &ada, "guarded", "still here", AckLevel::Quorum).await.expect("ada posts");
+    wait_for("mia's bucket to refill", || async {
+        post(&mut cluster.chat(1), &mia, "guarded", "after the wait", AckLevel::One).await.ok()
+    })
+    .await;
+}

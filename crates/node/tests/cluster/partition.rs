@@ -1,0 +1,253 @@
+//! The CRDT plane through a network partition: three in-process nodes whose peer traffic runs
+//! through loopback TCP proxies that the test can cut, so one replica is really cut off (real
+//! sockets, connections reset) while clients still reach it.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use palaver_node::{Bootstrap, Dialer, Node, NodeConfig, NodeEnv, SharedRng, SystemClock};
+use palaver_proto::v1::admin_service_client::AdminServiceClient;
+use palaver_proto::v1::chat_service_client::ChatServiceClient;
+use palaver_proto::v1::{AckLevel, CreateRoomRequest, HistoryRequest, PostRequest, RoomRequest, StatusRequest};
+use palaver_shard::{MemEngine, ReplicaOptions};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::harness::{authed, code, user, wait_for};
+
+/// The network between in-process nodes: which directed links are cut.
+#[derive(Debug, Default)]
+struct Net {
+    /// (from node address, to node address) pairs whose traffic is dropped.
+    cut: Mutex<BTreeSet<(String, String)>>,
+    proxies: Mutex<Vec<Arc<Proxy>>>,
+}
+
+impl Net {
+    fn is_cut(&self, from: &str, to: &str) -> bool {
+        self.cut.lock().expect("net lock").contains(&(from.to_owned(), to.to_owned()))
+    }
+
+    /// Cut every link to and from `addr`, and reset the connections on them.
+    fn isolate(&self, addr: &str, all: &[String]) {
+        {
+            let mut cut = self.cut.lock().expect("net lock");
+            for other in all.iter().filter(|a| *a != addr) {
+                cut.insert((addr.to_owned(), other.clone()));
+                cut.insert((other.clone(), addr.to_owned()));
+            }
+        }
+        for proxy in self.proxies.lock().expect("net lock").iter() {
+            if self.is_cut(&proxy.from, &proxy.to) {
+                proxy.reset();
+            }
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.lock().expect("net lock").clear();
+    }
+}
+
+/// A loopback TCP proxy for the traffic of one node (`from`) to another (`to`).
+#[derive(Debug)]
+struct Proxy {
+    from: String,
+    to: String,
+    connections: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Proxy {
+    fn reset(&self) {
+        for connection in self.connections.lock().expect("proxy lock").drain(..) {
+            connection.abort();
+        }
+    }
+}
+
+/// Dials peers through a [`Proxy`] per target, so the test can cut links.
+#[derive(Debug)]
+struct ProxyDialer {
+    from: String,
+    net: Arc<Net>,
+}
+
+impl Dialer for ProxyDialer {
+    fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        let listener = TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+        let proxy =
+            Arc::new(Proxy { from: self.from.clone(), to: addr.to_owned(), connections: Mutex::new(Vec::new()) });
+        self.net.proxies.lock().expect("net lock").push(proxy.clone());
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if net.is_cut(&proxy.from, &proxy.to) {
+                    continue; // dropped: the connection is reset
+                }
+                let to = proxy.to.clone();
+                let connection = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(&to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                proxy.connections.lock().expect("proxy lock").push(connection);
+            }
+        });
+        let endpoint = Endpoint::from_shared(format!("http://{local}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        Ok(endpoint.connect_lazy())
+    }
+}
+
+struct InProcessCluster {
+    nodes: Vec<Node>,
+    addrs: Vec<String>,
+}
+
+impl InProcessCluster {
+    async fn start(n: usize, shards: u32, net: &Arc<Net>) -> Self {
+        let mut listeners = Vec::new();
+        let mut addrs = Vec::new();
+        for _ in 0..n {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            addrs.push(listener.local_addr().expect("addr").to_string());
+            listeners.push(listener);
+        }
+        let mut nodes = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let env = NodeEnv {
+                clock: Arc::new(SystemClock),
+                dialer: Arc::new(ProxyDialer { from: addrs[i].clone(), net: net.clone() }),
+                rng: SharedRng::seeded(i as u64 + 1),
+            };
+            let bootstrap = if i == 0 {
+                Bootstrap::InitCluster { shard_count: shards }
+            } else {
+                Bootstrap::Join { seed: addrs[0].clone() }
+            };
+            let config = NodeConfig {
+                data_dir: std::env::temp_dir(),
+                advertise_addr: addrs[i].clone(),
+                bootstrap,
+                replica: ReplicaOptions::default(),
+            };
+            nodes.push(Node::start(config, env, Arc::new(MemEngine::new()), listener).await.expect("start"));
+        }
+        let cluster = InProcessCluster { nodes, addrs };
+        wait_for("every shard led with three voters", || async {
+            let channel = Channel::from_shared(format!("http://{}", cluster.addrs[0])).ok()?.connect().await.ok()?;
+            let status = AdminServiceClient::new(channel).status(StatusRequest {}).await.ok()?.into_inner();
+            let ready = status.nodes.len() == n && status.shards.iter().all(|s| s.leader != 0 && s.voters.len() == 3);
+            ready.then_some(())
+        })
+        .await;
+        cluster
+    }
+
+    fn chat(&self, i: usize) -> ChatServiceClient<Channel> {
+        let channel = Channel::from_shared(format!("http://{}", self.addrs[i])).expect("address").connect_lazy();
+        ChatServiceClient::new(channel)
+    }
+
+    async fn shutdown(self) {
+        for node in self.nodes {
+            node.shutdown().await;
+        }
+    }
+}
+
+async fn post(
+    client: &mut ChatServiceClient<Channel>,
+    token: &str,
+    room: &str,
+    body: &str,
+    ack: AckLevel,
+) -> Result<String, tonic::Status> {
+    let request = PostRequest {
+        room: room.into(),
+        body: body.into(),
+        client_message_id: format!("cid-{body}"),
+        ack: ack as i32,
+        seen: None,
+    };
+    Ok(client.post(authed(request, token)).await?.into_inner().message_id)
+}
+
+/// Every message id of `room` as node `i` shows it, oldest first.
+async fn history(cluster: &InProcessCluster, i: usize, token: &str, room: &str) -> Option<Vec<String>> {
+    let request = HistoryRequest { room: room.into(), limit: 500, oldest_first: true, ..Default::default() };
+    let page = cluster.chat(i).history(authed(request, token)).await.ok()?.into_inner();
+    Some(page.messages.into_iter().map(|m| m.message_id).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_replica_keeps_accepting_and_all_converge_after_heal() {
+    let net = Arc::new(Net::default());
+    let cluster = InProcessCluster::start(3, 2, &net).await;
+    let (mut a, mut b, mut c) = (cluster.chat(0), cluster.chat(1), cluster.chat(2));
+    let ada = user(&mut a, "ada").await;
+    let bob = user(&mut c, "bob").await;
+    a.create_room(authed(CreateRoomRequest { room: "split".into(), ..Default::default() }, &ada))
+        .await
+        .expect("create");
+    let joined = c.join(authed(RoomRequest { room: "split".into() }, &bob)).await.expect("join").into_inner();
+    // Every replica has applied the join before the cut: the cut-off one checks membership
+    // against its own applied state.
+    wait_for("every replica to apply the join", || async {
+        let channel = Channel::from_shared(format!("http://{}", cluster.addrs[0])).ok()?.connect().await.ok()?;
+        let status = AdminServiceClient::new(channel).status(StatusRequest {}).await.ok()?.into_inner();
+        let shard = status.shards.iter().find(|s| s.shard == joined.shard)?;
+        let applied = shard.replicas.iter().filter(|r| r.last_applied_index >= joined.log_index).count();
+        (applied == 3).then_some(())
+    })
+    .await;
+    let mut acknowledged =
+        vec![post(&mut c, &bob, "split", "before", AckLevel::Quorum).await.expect("post before the cut")];
+
+    net.isolate(&cluster.addrs[2], &cluster.addrs);
+    for i in 0..5 {
+        let client = if i % 2 == 0 { &mut a } else { &mut b };
+        let id = post(client, &ada, "split", &format!("majority-{i}"), AckLevel::Quorum)
+            .await
+            .expect("quorum posts succeed on the majority side");
+        acknowledged.push(id);
+    }
+    for i in 0..5 {
+        let id = post(&mut c, &bob, "split", &format!("minority-{i}"), AckLevel::One)
+            .await
+            .expect("ack-one posts succeed on the cut-off replica");
+        acknowledged.push(id);
+    }
+    let refused =
+        post(&mut c, &bob, "split", "minority-quorum", AckLevel::Quorum).await.expect_err("no second replica");
+    assert_eq!(code(&refused), "quorum_timeout", "{refused:?}");
+    acknowledged.push(post(&mut c, &bob, "split", "minority-quorum", AckLevel::One).await.expect("retry"));
+    assert_eq!(
+        acknowledged.iter().collect::<BTreeSet<_>>().len(),
+        acknowledged.len(),
+        "the retry of the timed-out post is the same message, and nothing else repeats"
+    );
+
+    net.heal();
+    let converged = wait_for("the three replicas to converge", || async {
+        let mut views = Vec::new();
+        for i in 0..3 {
+            views.push(history(&cluster, i, &ada, "split").await?);
+        }
+        (views[0].len() == acknowledged.len() && views.iter().all(|v| *v == views[0])).then(|| views[0].clone())
+    })
+    .await;
+    let held: BTreeSet<&String> = converged.iter().collect();
+    for id in &acknowledged {
+        assert!(held.contains(id), "acknowledged message {id} is missing");
+    }
+    cluster.shutdown().await;
+}

@@ -1,0 +1,825 @@
+//! The CRDT store of one shard replica: every room's event log, read markers, presence and
+//! typing, kept in the node's engine, and what this replica knows of its peers' copies.
+//!
+//! ## What it stores
+//! - `room_events`: every event of every room, keyed `shard | room | hlc | replica | counter`
+//!   (see [`crate::keys`]), so a key scan is a history scan in the room's total order.
+//! - `room_state`: per room, the version vector of the events held (written in the same batch
+//!   as the events) and the read markers.
+//!
+//! A room's [`RoomLog`] is loaded into memory on first use and kept there; the version vectors
+//! of all rooms of the shard (the *index*) are loaded when the replica starts, so anti-entropy
+//! can compare rooms without loading their logs.
+//!
+//! ## Write path
+//! [`CrdtStore::write_local`] stamps an event (the replica's next dot, an HLC after everything
+//! the room holds and after what the client had seen), writes it to the engine and applies it
+//! under the room's lock — so a replica's events reach the disk in counter order — then waits
+//! for the node's group-commit fsync. Only then does the event count as *durable*: subscribers
+//! and peers are only ever sent durable events, so an event that a crash loses was never seen by
+//! anyone, and its dot can be issued again safely.
+//!
+//! [`CrdtStore::apply_remote`] applies a peer's events in the issuer's counter order (a gap stops
+//! the batch; anti-entropy fills it), persists them, fsyncs, and answers with the durable version
+//! vector, which the sender records as this replica's copy ([`CrdtStore::record_peer`]).
+//!
+//! ## Guarantees
+//! - Gapless: on disk and in memory, a room holds exactly `R:1..=vv[R]` of every replica `R`.
+//! - A durable event is on disk (fsynced); a peer's recorded version vector only covers events
+//!   that peer reported durable.
+//! - Every change of durable state or side state bumps [`CrdtStore::changes`], which the
+//!   replication tasks and subscribers watch.
+//!
+//! ## Non-goals (for now)
+//! Windowing a room's log over disk (a loaded room keeps all its events in memory), and garbage
+//! collection of tombstones.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use palaver_crdt::{
+    Applied, CrdtError, Event, EventKind, Hlc, HlcClock, MessageId, Position, PresenceMap, ReadMarkers, ReplicaId,
+    RoomLog, TypingMap, VersionVector,
+};
+use palaver_ids::{RoomId, ShardId, UserName};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, watch};
+
+use crate::engine::{Cf, KvEngine, WriteBatch};
+use crate::error::StorageError;
+use crate::keys::{self, RoomStateTag};
+use crate::log_store::GroupCommit;
+
+/// Most events read from the engine per scan while loading a room.
+pub const ROOM_LOAD_SCAN_EVENTS: usize = 4_096;
+/// Side events (presence, typing, read markers) buffered per room for slow subscribers; a
+/// subscriber that falls further behind is sent the full side state instead.
+pub const SIDE_EVENTS_BUFFERED_PER_ROOM: usize = 256;
+
+/// Why a CRDT operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The engine failed or returned corrupt data: fatal for this replica.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The CRDT refused the operation (clock drift, a gap, a conflicting dot).
+    #[error(transparent)]
+    Crdt(#[from] CrdtError),
+}
+
+/// The state of a room that is not in its event log: read markers, presence and typing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SideState {
+    /// How far each member has read.
+    pub markers: ReadMarkers,
+    /// Who is online, away or offline.
+    pub presence: PresenceMap,
+    /// Who is typing.
+    pub typing: TypingMap,
+}
+
+/// A change of a room's side state, for subscribers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SideChange {
+    /// The side state changed; here is all of it (small: one entry per member).
+    State(Arc<SideState>),
+}
+
+/// One room, loaded.
+#[derive(Debug)]
+pub struct RoomCell {
+    state: Mutex<RoomState>,
+    /// What is fsynced: subscribers and pushes send only this.
+    durable: watch::Sender<VersionVector>,
+    side: broadcast::Sender<SideChange>,
+}
+
+/// A loaded room's log and side state. Held briefly under the room's lock.
+#[derive(Debug)]
+pub struct RoomState {
+    /// The event log and the messages it shows.
+    pub log: RoomLog,
+    /// Read markers, presence and typing.
+    pub side: SideState,
+}
+
+impl RoomCell {
+    /// Lock the room's state. Never held across an `.await`.
+    pub fn lock(&self) -> MutexGuard<'_, RoomState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The version vector of the durable events.
+    pub fn durable(&self) -> VersionVector {
+        self.durable.borrow().clone()
+    }
+
+    /// Watch the durable version vector.
+    pub fn watch_durable(&self) -> watch::Receiver<VersionVector> {
+        self.durable.subscribe()
+    }
+
+    /// Subscribe to side-state changes.
+    pub fn subscribe_side(&self) -> broadcast::Receiver<SideChange> {
+        self.side.subscribe()
+    }
+
+    /// Up to `limit` durable events that a holder of `have` lacks, each replica's in counter
+    /// order.
+    pub fn durable_delta(&self, have: &VersionVector, limit: usize) -> Vec<Event> {
+        let durable = self.durable();
+        let state = self.lock();
+        state
+            .log
+            .delta_since(have, usize::MAX)
+            .into_iter()
+            .filter(|event| durable.contains(event.dot))
+            .take(limit)
+            .collect()
+    }
+}
+
+/// What a local write produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The event's place in the room (for a retried post: the first post's).
+    pub position: Position,
+    /// The message the event is about.
+    pub message_id: MessageId,
+    /// Whether this was a retry of a post the room already holds.
+    pub duplicate: bool,
+}
+
+/// What [`CrdtStore::stamp_and_write`] did.
+enum Stamped {
+    /// The post was already there.
+    Retry(Written),
+    /// A new event, written; the room's version vector after it.
+    New(Written, VersionVector),
+}
+
+/// A peer replica's copy of a room, as far as this replica knows.
+#[derive(Debug, Clone, Default)]
+struct PeerKnowledge {
+    /// Whether a full anti-entropy exchange with this peer completed since start: rooms it did
+    /// not list are then known to be empty there.
+    synced: bool,
+    rooms: BTreeMap<RoomId, VersionVector>,
+    side_digests: BTreeMap<RoomId, [u8; 32]>,
+}
+
+/// One room in an anti-entropy summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomSummary {
+    /// The room.
+    pub room: RoomId,
+    /// Its durable version vector.
+    pub version_vector: VersionVector,
+    /// A digest of its read markers and presence.
+    pub side_digest: [u8; 32],
+}
+
+/// The CRDT store of one shard replica. Cloning shares it.
+#[derive(Debug, Clone)]
+pub struct CrdtStore {
+    inner: Arc<StoreInner>,
+}
+
+#[derive(Debug)]
+struct StoreInner {
+    shard: ShardId,
+    replica: ReplicaId,
+    engine: Arc<dyn KvEngine>,
+    group_commit: GroupCommit,
+    clock: Arc<Mutex<HlcClock>>,
+    rooms: Mutex<BTreeMap<RoomId, Arc<RoomCell>>>,
+    /// Every room with events or side state, and its durable version vector and side digest.
+    index: Mutex<BTreeMap<RoomId, (VersionVector, [u8; 32])>>,
+    peers: Mutex<BTreeMap<ReplicaId, PeerKnowledge>>,
+    changes: watch::Sender<u64>,
+    acks: watch::Sender<u64>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The digest of a room's persistent side state (read markers and presence).
+fn side_digest(side: &SideState) -> Result<[u8; 32], StorageError> {
+    let bytes = keys::encode(&(&side.markers, &side.presence))?;
+    Ok(Sha256::digest(&bytes).into())
+}
+
+impl CrdtStore {
+    /// Open the store of `shard` on this node (`replica`), loading the index of its rooms.
+    /// `clock` is the node's hybrid clock, shared by all its replicas.
+    pub fn open(
+        shard: ShardId,
+        replica: ReplicaId,
+        engine: Arc<dyn KvEngine>,
+        group_commit: GroupCommit,
+        clock: Arc<Mutex<HlcClock>>,
+    ) -> Result<Self, StorageError> {
+        let mut index = BTreeMap::new();
+        let from = keys::shard_prefix(shard).to_vec();
+        let to = keys::shard_prefix_end(shard);
+        let mut cursor = from;
+        loop {
+            let rows = engine.scan(Cf::RoomState, &cursor, &to, ROOM_LOAD_SCAN_EVENTS)?;
+            let Some((last, _)) = rows.last() else { break };
+            cursor = [last.as_slice(), &[0]].concat();
+            for (key, value) in &rows {
+                let (room, tag) = keys::room_state_key_parts(key)?;
+                let entry = index.entry(room).or_insert_with(|| (VersionVector::new(), [0; 32]));
+                if tag == RoomStateTag::VersionVector as u8 {
+                    entry.0 = keys::decode(value)?;
+                } else if tag == RoomStateTag::ReadMarkers as u8 {
+                    let side = SideState { markers: keys::decode(value)?, ..SideState::default() };
+                    entry.1 = side_digest(&side)?;
+                }
+            }
+        }
+        let (changes, _) = watch::channel(0);
+        let (acks, _) = watch::channel(0);
+        Ok(Self {
+            inner: Arc::new(StoreInner {
+                shard,
+                replica,
+                engine,
+                group_commit,
+                clock,
+                rooms: Mutex::new(BTreeMap::new()),
+                index: Mutex::new(index),
+                peers: Mutex::new(BTreeMap::new()),
+                changes,
+                acks,
+            }),
+        })
+    }
+
+    /// The shard.
+    pub fn shard(&self) -> ShardId {
+        self.inner.shard
+    }
+
+    /// This replica's id.
+    pub fn replica(&self) -> ReplicaId {
+        self.inner.replica
+    }
+
+    /// Bumped on every change of durable events or side state in any room.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    fn bump_changes(&self) {
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The room, loaded from the engine on first use.
+    pub async fn room(&self, room: &RoomId) -> Result<Arc<RoomCell>, StoreError> {
+        if let Some(cell) = lock(&self.inner.rooms).get(room) {
+            return Ok(cell.clone());
+        }
+        let this = self.clone();
+        let id = room.clone();
+        let loaded = tokio::task::spawn_blocking(move || this.load_room(&id))
+            .await
+            .map_err(|e| StorageError::io(format!("room load task: {e}")))??;
+        let mut rooms = lock(&self.inner.rooms);
+        let cell = rooms.entry(room.clone()).or_insert_with(|| Arc::new(loaded));
+        Ok(cell.clone())
+    }
+
+    fn load_room(&self, room: &RoomId) -> Result<RoomCell, StoreError> {
+        let shard = self.inner.shard;
+        let engine = &self.inner.engine;
+        let mut log = RoomLog::new(room.clone());
+        let prefix = keys::room_prefix(shard, room);
+        let end = keys::prefix_end(&prefix);
+        let mut cursor = prefix.clone();
+        loop {
+            let rows = engine.scan(Cf::RoomEvents, &cursor, &end, ROOM_LOAD_SCAN_EVENTS)?;
+            let Some((last, _)) = rows.last() else { break };
+            cursor = [last.as_slice(), &[0]].concat();
+            for (_, value) in rows {
+                let event: Event = keys::decode(&value)?;
+                match log.apply_event(event) {
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(StorageError::corrupt(format!("room {room} on shard {shard}: {e}")).into());
+                    }
+                }
+            }
+        }
+        let markers = engine
+            .get(Cf::RoomState, &keys::room_state_key(shard, room, RoomStateTag::ReadMarkers))?
+            .map(|bytes| keys::decode(&bytes))
+            .transpose()?
+            .unwrap_or_default();
+        let side = SideState { markers, ..SideState::default() };
+        let durable = log.version_vector().clone();
+        let (durable, _) = watch::channel(durable);
+        let (side_tx, _) = broadcast::channel(SIDE_EVENTS_BUFFERED_PER_ROOM);
+        Ok(RoomCell { state: Mutex::new(RoomState { log, side }), durable, side: side_tx })
+    }
+
+    /// Stamp, persist and apply a local event by `author`, then wait until it is durable.
+    ///
+    /// A `Post` whose message the room already holds (a retry: same client message id) writes
+    /// nothing and reports the first post, once that is durable.
+    pub async fn write_local(
+        &self,
+        room: &RoomId,
+        author: UserName,
+        kind: EventKind,
+        now_ms: u64,
+        seen: Option<Hlc>,
+    ) -> Result<Written, StoreError> {
+        let cell = self.room(room).await?;
+        let (written, version_vector) = match self.stamp_and_write(room, &cell, author, kind, now_ms, seen)? {
+            Stamped::Retry(written) => {
+                self.wait_durable(&cell, written.position).await;
+                return Ok(written);
+            }
+            Stamped::New(written, version_vector) => (written, version_vector),
+        };
+        self.inner.group_commit.sync().await?;
+        self.mark_durable(room, &cell, &version_vector)?;
+        Ok(written)
+    }
+
+    /// Under the room's lock: find a retried post, or stamp, write (not yet fsynced) and apply.
+    fn stamp_and_write(
+        &self,
+        room: &RoomId,
+        cell: &RoomCell,
+        author: UserName,
+        kind: EventKind,
+        now_ms: u64,
+        seen: Option<Hlc>,
+    ) -> Result<Stamped, StoreError> {
+        let mut state = cell.lock();
+        if let EventKind::Post { message_id, .. } = &kind
+            && let Some(message) = state.log.message(message_id)
+        {
+            return Ok(Stamped::Retry(Written {
+                position: message.position,
+                message_id: *message_id,
+                duplicate: true,
+            }));
+        }
+        let stamp = {
+            let mut clock = lock(&self.inner.clock);
+            state.log.stamp(&mut clock, self.inner.replica, now_ms, seen)?
+        };
+        let event = stamp.event(author, kind);
+        let written = Written { position: event.position(), message_id: event.message_id(), duplicate: false };
+        let mut batch = WriteBatch::new();
+        batch.put(
+            Cf::RoomEvents,
+            keys::room_event_key(self.inner.shard, room, event.position()),
+            keys::encode(&event)?,
+        );
+        state.log.apply_event(event)?;
+        let version_vector = state.log.version_vector().clone();
+        batch.put(
+            Cf::RoomState,
+            keys::room_state_key(self.inner.shard, room, RoomStateTag::VersionVector),
+            keys::encode(&version_vector)?,
+        );
+        self.inner.engine.write(batch)?;
+        Ok(Stamped::New(written, version_vector))
+    }
+
+    async fn wait_durable(&self, cell: &RoomCell, position: Position) {
+        let mut durable = cell.watch_durable();
+        let _ = durable.wait_for(|vv| vv.contains(position.dot())).await;
+    }
+
+    fn mark_durable(&self, room: &RoomId, cell: &RoomCell, version_vector: &VersionVector) -> Result<(), StoreError> {
+        let mut advanced = false;
+        cell.durable.send_if_modified(|durable| {
+            if durable.dominates(version_vector) {
+                return false;
+            }
+            durable.merge(version_vector);
+            advanced = true;
+            true
+        });
+        if advanced {
+            let durable = cell.durable();
+            let mut index = lock(&self.inner.index);
+            let entry = index.entry(room.clone()).or_insert_with(|| (VersionVector::new(), [0; 32]));
+            entry.0 = durable;
+            drop(index);
+            self.bump_changes();
+        }
+        Ok(())
+    }
+
+    /// Apply events from a peer (each replica's in counter order), persist and fsync them, and
+    /// merge `side` if given. Returns this replica's durable copy of the room, for the sender to
+    /// record.
+    pub async fn apply_remote(
+        &self,
+        room: &RoomId,
+        events: Vec<Event>,
+        side: Option<SideState>,
+        now_ms: u64,
+    ) -> Result<RoomSummary, StoreError> {
+        let cell = self.room(room).await?;
+        let mut wrote = false;
+        let (version_vector, side_changed) = {
+            let mut state = cell.lock();
+            let mut batch = WriteBatch::new();
+            for event in events {
+                if state.log.version_vector().contains(event.dot) {
+                    continue;
+                }
+                {
+                    // A peer's stamp moves this node's clock forward; one too far ahead is
+                    // applied all the same (refusing it would stop convergence) but not observed.
+                    let mut clock = lock(&self.inner.clock);
+                    if let Err(e) = clock.observe(event.hlc, now_ms) {
+                        tracing::warn!(shard = %self.inner.shard, %room, error = %e, "peer event stamped ahead");
+                    }
+                }
+                let key = keys::room_event_key(self.inner.shard, room, event.position());
+                let value = keys::encode(&event)?;
+                match state.log.apply_event(event) {
+                    Ok(Applied::New) => {
+                        batch.put(Cf::RoomEvents, key, value);
+                        wrote = true;
+                    }
+                    Ok(Applied::Duplicate) => {}
+                    Err(CrdtError::Gap { .. }) => break,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let side_changed = match side {
+                Some(side) => merge_side(&mut state.side, &side),
+                None => false,
+            };
+            if side_changed {
+                batch.put(
+                    Cf::RoomState,
+                    keys::room_state_key(self.inner.shard, room, RoomStateTag::ReadMarkers),
+                    keys::encode(&state.side.markers)?,
+                );
+                wrote = true;
+            }
+            let version_vector = state.log.version_vector().clone();
+            if wrote {
+                batch.put(
+                    Cf::RoomState,
+                    keys::room_state_key(self.inner.shard, room, RoomStateTag::VersionVector),
+                    keys::encode(&version_vector)?,
+                );
+                self.inner.engine.write(batch)?;
+            }
+            let side_changed = if side_changed { Some(Arc::new(state.side.clone())) } else { None };
+            (version_vector, side_changed)
+        };
+        if wrote {
+            self.inner.group_commit.sync().await?;
+        }
+        self.mark_durable(room, &cell, &version_vector)?;
+        if let Some(side) = side_changed {
+            self.side_changed(room, &cell, side)?;
+        }
+        let side_digest = lock(&self.inner.index).get(room).map_or([0; 32], |(_, digest)| *digest);
+        Ok(RoomSummary { room: room.clone(), version_vector: cell.durable(), side_digest })
+    }
+
+    /// Change the room's side state with `change` (a local presence, typing or read-marker
+    /// write), persist read markers, and tell subscribers and peers if anything changed.
+    pub async fn update_side<F>(&self, room: &RoomId, change: F) -> Result<bool, StoreError>
+    where
+        F: FnOnce(&mut SideState, &RoomLog) -> bool,
+    {
+        let cell = self.room(room).await?;
+        let changed = {
+            let mut state = cell.lock();
+            let RoomState { log, side } = &mut *state;
+            if !change(side, log) {
+                return Ok(false);
+            }
+            let mut batch = WriteBatch::new();
+            batch.put(
+                Cf::RoomState,
+                keys::room_state_key(self.inner.shard, room, RoomStateTag::ReadMarkers),
+                keys::encode(&state.side.markers)?,
+            );
+            self.inner.engine.write(batch)?;
+            Arc::new(state.side.clone())
+        };
+        self.inner.group_commit.sync().await?;
+        self.side_changed(room, &cell, changed)?;
+        Ok(true)
+    }
+
+    fn side_changed(&self, room: &RoomId, cell: &RoomCell, side: Arc<SideState>) -> Result<(), StoreError> {
+        let digest = side_digest(&side)?;
+        {
+            let mut index = lock(&self.inner.index);
+            let entry = index.entry(room.clone()).or_insert_with(|| (VersionVector::new(), [0; 32]));
+            entry.1 = digest;
+        }
+        let _ = cell.side.send(SideChange::State(side));
+        self.bump_changes();
+        Ok(())
+    }
+
+    /// A fresh stamp from the node's clock (for presence and typing).
+    pub fn tick(&self, now_ms: u64) -> Hlc {
+        lock(&self.inner.clock).tick(now_ms)
+    }
+
+    /// Record that `peer` durably holds `version_vector` of `room` (and side state with
+    /// `side_digest`, if given). Returns whether that is news.
+    pub fn record_peer(
+        &self,
+        peer: ReplicaId,
+        room: &RoomId,
+        version_vector: &VersionVector,
+        side_digest: Option<[u8; 32]>,
+    ) -> bool {
+        let mut peers = lock(&self.inner.peers);
+        let knowledge = peers.entry(peer).or_default();
+        let held = knowledge.rooms.entry(room.clone()).or_default();
+        let grew = !held.dominates(version_vector);
+        held.merge(version_vector);
+        let side_moved = match side_digest {
+            Some(digest) => knowledge.side_digests.insert(room.clone(), digest) != Some(digest),
+            None => false,
+        };
+        drop(peers);
+        if grew {
+            self.inner.acks.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        grew || side_moved
+    }
+
+    /// Record a full anti-entropy listing from `peer` for rooms in `[from, to)` (`to` `None`:
+    /// to the end): rooms it did not list are empty there.
+    pub fn record_peer_listing(&self, peer: ReplicaId, rooms: &[RoomSummary], from: &RoomId, to: Option<&RoomId>) {
+        let listed: BTreeSet<&RoomId> = rooms.iter().map(|r| &r.room).collect();
+        {
+            let mut peers = lock(&self.inner.peers);
+            let knowledge = peers.entry(peer).or_default();
+            let in_range = |room: &RoomId| room >= from && to.is_none_or(|to| room < to);
+            knowledge.rooms.retain(|room, _| !in_range(room) || listed.contains(room));
+            knowledge.side_digests.retain(|room, _| !in_range(room) || listed.contains(room));
+            if to.is_none() {
+                knowledge.synced = true;
+            }
+        }
+        for summary in rooms {
+            self.record_peer(peer, &summary.room, &summary.version_vector, Some(summary.side_digest));
+        }
+    }
+
+    /// Forget what this replica knew of `peer` (it restarted or was replaced).
+    pub fn forget_peer(&self, peer: ReplicaId) {
+        lock(&self.inner.peers).remove(&peer);
+    }
+
+    /// Wait until some replica other than this one durably holds `position`'s event, or
+    /// `timeout_ms` passes; returns whether one does.
+    pub async fn wait_replicated(&self, position: Position, room: &RoomId, timeout_ms: u64) -> bool {
+        let dot = position.dot();
+        let mut acks = self.inner.acks.subscribe();
+        let held = || {
+            lock(&self.inner.peers)
+                .iter()
+                .any(|(peer, k)| *peer != self.inner.replica && k.rooms.get(room).is_some_and(|vv| vv.contains(dot)))
+        };
+        let wait = async {
+            loop {
+                if held() {
+                    return true;
+                }
+                if acks.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_millis(timeout_ms), wait).await.unwrap_or(false)
+    }
+
+    /// A page of this replica's rooms, in room order, from `from` (inclusive), at most `limit`.
+    pub fn summaries(&self, from: Option<&RoomId>, limit: usize) -> Vec<RoomSummary> {
+        let index = lock(&self.inner.index);
+        let range = match from {
+            Some(from) => index.range(from.clone()..),
+            None => index.range::<RoomId, _>(..),
+        };
+        range
+            .take(limit)
+            .map(|(room, (vv, digest))| RoomSummary {
+                room: room.clone(),
+                version_vector: vv.clone(),
+                side_digest: *digest,
+            })
+            .collect()
+    }
+
+    /// A digest of every room's durable version vector and side digest: equal digests on two
+    /// replicas mean nothing to exchange.
+    pub fn digest(&self) -> [u8; 32] {
+        let index = lock(&self.inner.index);
+        let mut hasher = Sha256::new();
+        for (room, (vv, side)) in index.iter() {
+            hasher.update((room.0.len() as u64).to_be_bytes());
+            hasher.update(room.0.as_bytes());
+            for (replica, counter) in vv.iter() {
+                hasher.update(replica.0.to_be_bytes());
+                hasher.update(counter.to_be_bytes());
+            }
+            hasher.update(u64::MAX.to_be_bytes());
+            hasher.update(side);
+        }
+        hasher.finalize().into()
+    }
+
+    /// The rooms `peer` lacks something of (events or side state), with what it is known to
+    /// hold. Before a full exchange with `peer`, only rooms it already reported are listed.
+    pub fn rooms_behind(&self, peer: ReplicaId, limit: usize) -> Vec<(RoomId, VersionVector, bool)> {
+        let peers = lock(&self.inner.peers);
+        let knowledge = peers.get(&peer);
+        let synced = knowledge.is_some_and(|k| k.synced);
+        let index = lock(&self.inner.index);
+        let mut behind = Vec::new();
+        for (room, (vv, side)) in index.iter() {
+            let held = knowledge.and_then(|k| k.rooms.get(room));
+            let Some(held) = held.cloned().or_else(|| synced.then(VersionVector::new)) else { continue };
+            let their_side = knowledge.and_then(|k| k.side_digests.get(room));
+            let side_behind = *side != [0; 32] && their_side != Some(side);
+            if !held.dominates(vv) || side_behind {
+                behind.push((room.clone(), held, side_behind));
+                if behind.len() >= limit {
+                    break;
+                }
+            }
+        }
+        behind
+    }
+
+    /// The room's side state now.
+    pub async fn side_state(&self, room: &RoomId) -> Result<SideState, StoreError> {
+        Ok(self.room(room).await?.lock().side.clone())
+    }
+}
+
+/// Merge `other` into `side`; returns whether anything changed.
+fn merge_side(side: &mut SideState, other: &SideState) -> bool {
+    let before = side.clone();
+    side.markers.merge(&other.markers);
+    side.presence.merge(&other.presence);
+    side.typing.merge(&other.typing);
+    *side != before
+}
+
+#[cfg(test)]
+mod tests {
+    use palaver_crdt::MessageId;
+
+    use super::*;
+    use crate::engine::{MemEngine, RocksEngine};
+
+    fn store(engine: Arc<dyn KvEngine>, replica: u64) -> CrdtStore {
+        let group_commit = GroupCommit::start(engine.clone());
+        CrdtStore::open(ShardId(1), ReplicaId(replica), engine, group_commit, Arc::new(Mutex::new(HlcClock::new())))
+            .expect("open")
+    }
+
+    /// Drop the last handle of `engine` (the group-commit thread lets go of its own handle once
+    /// its queue closes), so the database can be opened again.
+    async fn close(engine: Arc<dyn KvEngine>) {
+        for _ in 0..1_000 {
+            if Arc::strong_count(&engine) == 1 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        panic!("the engine is still in use");
+    }
+
+    fn post(room: &RoomId, author: &str, cid: &str, body: &str) -> EventKind {
+        EventKind::Post {
+            message_id: MessageId::derive(room, &UserName(author.into()), cid),
+            client_message_id: cid.into(),
+            body: body.into(),
+        }
+    }
+
+    async fn write(store: &CrdtStore, room: &RoomId, author: &str, cid: &str, now_ms: u64) -> Written {
+        store
+            .write_local(room, UserName(author.into()), post(room, author, cid, cid), now_ms, None)
+            .await
+            .expect("write")
+    }
+
+    #[tokio::test]
+    async fn local_writes_are_durable_ordered_and_idempotent() {
+        let store = store(Arc::new(MemEngine::new()), 1);
+        let room = RoomId("general".into());
+        let first = write(&store, &room, "ada", "c1", 1_000).await;
+        let second = write(&store, &room, "bob", "c2", 999).await;
+        assert!(first.position < second.position, "a later write orders later even if the wall clock went back");
+        let retry = write(&store, &room, "ada", "c1", 2_000).await;
+        assert!(retry.duplicate);
+        assert_eq!(retry.position, first.position);
+        let cell = store.room(&room).await.expect("room");
+        assert_eq!(cell.durable().get(ReplicaId(1)), 2, "the retry wrote nothing");
+        assert_eq!(cell.lock().log.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_reopened_store_has_every_durable_event() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let room = RoomId("ops".into());
+        {
+            let engine: Arc<dyn KvEngine> = Arc::new(RocksEngine::open(dir.path()).expect("open"));
+            let store = store(engine.clone(), 7);
+            for i in 0..50 {
+                write(&store, &room, "ada", &format!("m{i}"), 1_000 + i).await;
+            }
+            drop(store);
+            close(engine).await;
+        }
+        let engine: Arc<dyn KvEngine> = Arc::new(RocksEngine::open(dir.path()).expect("reopen"));
+        let store = store(engine, 7);
+        assert_eq!(store.summaries(None, 10).len(), 1, "the index lists the room without loading it");
+        let cell = store.room(&room).await.expect("room");
+        assert_eq!(cell.durable().get(ReplicaId(7)), 50);
+        let bodies: Vec<String> = cell.lock().log.messages().map(|m| m.body.clone()).collect();
+        assert_eq!(bodies, (0..50).map(|i| format!("m{i}")).collect::<Vec<_>>());
+        let next = write(&store, &room, "ada", "after-restart", 900).await;
+        assert_eq!(next.position.counter, 51);
+    }
+
+    #[tokio::test]
+    async fn remote_events_apply_in_order_and_stop_at_a_gap() {
+        let a = store(Arc::new(MemEngine::new()), 1);
+        let b = store(Arc::new(MemEngine::new()), 2);
+        let room = RoomId("sync".into());
+        for i in 0..5 {
+            write(&a, &room, "ada", &format!("m{i}"), 1_000 + i).await;
+        }
+        let events = a.room(&room).await.expect("room").durable_delta(&VersionVector::new(), 100);
+        assert_eq!(events.len(), 5);
+        // Skip the second event: the batch stops at the gap, keeping only the first.
+        let mut with_gap = events.clone();
+        with_gap.remove(1);
+        let held = b.apply_remote(&room, with_gap, None, 1_000).await.expect("apply");
+        assert_eq!(held.version_vector.get(ReplicaId(1)), 1);
+        let held = b.apply_remote(&room, events.clone(), None, 1_000).await.expect("apply");
+        assert_eq!(held.version_vector.get(ReplicaId(1)), 5);
+        // Duplicates change nothing.
+        let held = b.apply_remote(&room, events, None, 1_000).await.expect("apply");
+        assert_eq!(held.version_vector.get(ReplicaId(1)), 5);
+        assert_eq!(a.digest(), b.digest(), "same events, same digest");
+    }
+
+    #[tokio::test]
+    async fn peers_and_quorum_waits() {
+        let a = store(Arc::new(MemEngine::new()), 1);
+        let room = RoomId("q".into());
+        let written = write(&a, &room, "ada", "m", 1_000).await;
+        assert!(!a.wait_replicated(written.position, &room, 10).await, "nobody else holds it yet");
+        assert!(a.rooms_behind(ReplicaId(2), 10).is_empty(), "an unknown peer gets nothing before a full exchange");
+        a.record_peer_listing(ReplicaId(2), &[], &RoomId(String::new()), None);
+        let behind = a.rooms_behind(ReplicaId(2), 10);
+        assert_eq!(behind.len(), 1, "after an empty listing, the peer lacks the room");
+        let vv = a.room(&room).await.expect("room").durable();
+        a.record_peer(ReplicaId(2), &room, &vv, None);
+        assert!(a.wait_replicated(written.position, &room, 10).await);
+        assert!(a.rooms_behind(ReplicaId(2), 10).is_empty());
+    }
+
+    #[tokio::test]
+    async fn side_state_merges_and_persists_markers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let room = RoomId("side".into());
+        let position = {
+            let engine: Arc<dyn KvEngine> = Arc::new(RocksEngine::open(dir.path()).expect("open"));
+            let store = store(engine.clone(), 1);
+            let written = write(&store, &room, "ada", "m", 1_000).await;
+            let changed = store
+                .update_side(&room, |side, _| side.markers.mark(UserName("bob".into()), written.position))
+                .await
+                .expect("mark");
+            assert!(changed);
+            drop(store);
+            close(engine).await;
+            written.position
+        };
+        let engine: Arc<dyn KvEngine> = Arc::new(RocksEngine::open(dir.path()).expect("reopen"));
+        let store = store(engine, 1);
+        let side = store.side_state(&room).await.expect("side");
+        assert_eq!(side.markers.marker(&UserName("bob".into())), Some(position));
+    }
+}
