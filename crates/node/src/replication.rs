@@ -202,31 +202,31 @@ impl Pusher {
         keys::decode(&reply.into_inner().payload).map_err(|e| e.to_string())
     }
 
-    /// One full anti-entropy exchange: digests, then listings page by page if they differ.
+    /// One full anti-entropy exchange: digests, then listings page by page if they differ. The
+    /// pages come from one snapshot of the index, the one the digest was taken of.
     async fn sync(&self, store: &CrdtStore) -> Result<(), String> {
         let peer = ReplicaId(self.peer.0);
+        let (all, digest) = store.index_snapshot();
         let mut from = RoomId(String::new());
+        let mut start = 0;
         loop {
-            let page = store.summaries(Some(&from), SYNC_ROOMS_PER_PAGE + 1);
-            let (rooms, to) = if page.len() > SYNC_ROOMS_PER_PAGE {
-                let next = page[SYNC_ROOMS_PER_PAGE].room.clone();
-                (page[..SYNC_ROOMS_PER_PAGE].to_vec(), Some(next))
-            } else {
-                (page, None)
-            };
-            let message =
-                CrdtMessage::Sync { digest: store.digest(), from: from.clone(), to: to.clone(), rooms: rooms.clone() };
+            let end = (start + SYNC_ROOMS_PER_PAGE).min(all.len());
+            let to = all.get(end).map(|next| next.room.clone());
+            let rooms = all[start..end].to_vec();
+            let message = CrdtMessage::Sync { digest, from: from.clone(), to: to.clone(), rooms };
             match self.call(&message).await? {
                 CrdtAnswer::InSync => {
-                    let everything = store.summaries(None, usize::MAX);
-                    store.record_peer_listing(peer, &everything, &RoomId(String::new()), None);
+                    store.record_peer_listing(peer, &all, &RoomId(String::new()), None);
                     return Ok(());
                 }
                 CrdtAnswer::Listing(theirs) => store.record_peer_listing(peer, &theirs, &from, to.as_ref()),
                 CrdtAnswer::Pushed(_) => return Err("unexpected answer to a sync".into()),
             }
             match to {
-                Some(next) => from = next,
+                Some(next) => {
+                    from = next;
+                    start = end;
+                }
                 None => return Ok(()),
             }
         }
@@ -258,7 +258,7 @@ impl Pusher {
             };
             let mut progressed = false;
             for copy in &copies {
-                progressed |= store.record_peer(peer, &copy.room, &copy.version_vector, Some(copy.side_digest));
+                progressed |= store.set_peer(peer, &copy.room, &copy.version_vector, copy.side_digest);
             }
             if !progressed {
                 // The peer took nothing (a refused or conflicting event): stop instead of
@@ -285,18 +285,17 @@ pub async fn handle(store: &CrdtStore, from: NodeId, message: CrdtMessage, now_m
             Ok(CrdtAnswer::Pushed(copies))
         }
         CrdtMessage::Sync { digest, from: start, to, rooms } => {
-            if digest == store.digest() {
-                let everything = store.summaries(None, usize::MAX);
-                store.record_peer_listing(peer, &everything, &RoomId(String::new()), None);
+            let (all, mine) = store.index_snapshot();
+            if digest == mine {
+                store.record_peer_listing(peer, &all, &RoomId(String::new()), None);
                 return Ok(CrdtAnswer::InSync);
             }
             store.record_peer_listing(peer, &rooms, &start, to.as_ref());
-            let mine = store
-                .summaries(Some(&start), usize::MAX)
+            let listing = all
                 .into_iter()
-                .take_while(|summary| to.as_ref().is_none_or(|to| summary.room < *to))
+                .filter(|summary| summary.room >= start && to.as_ref().is_none_or(|to| summary.room < *to))
                 .collect();
-            Ok(CrdtAnswer::Listing(mine))
+            Ok(CrdtAnswer::Listing(listing))
         }
     }
 }

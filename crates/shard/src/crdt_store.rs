@@ -581,6 +581,28 @@ impl CrdtStore {
         }
     }
 
+    /// Record `peer`'s own answer about its copy of `room` (a push reply): it replaces what this
+    /// replica believed, also downwards (a peer that lost data, or a belief that ran ahead).
+    /// Returns whether that is news.
+    pub fn set_peer(
+        &self,
+        peer: ReplicaId,
+        room: &RoomId,
+        version_vector: &VersionVector,
+        side_digest: [u8; 32],
+    ) -> bool {
+        let mut peers = lock(&self.inner.peers);
+        let knowledge = peers.entry(peer).or_default();
+        let old = knowledge.rooms.insert(room.clone(), version_vector.clone()).unwrap_or_default();
+        let grew = !old.dominates(version_vector);
+        let side_moved = knowledge.side_digests.insert(room.clone(), side_digest) != Some(side_digest);
+        drop(peers);
+        if grew {
+            self.inner.acks.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        grew || side_moved || old != *version_vector
+    }
+
     /// Forget what this replica knew of `peer` (it restarted or was replaced).
     pub fn forget_peer(&self, peer: ReplicaId) {
         lock(&self.inner.peers).remove(&peer);
@@ -626,11 +648,12 @@ impl CrdtStore {
             .collect()
     }
 
-    /// A digest of every room's durable version vector and side digest: equal digests on two
-    /// replicas mean nothing to exchange.
-    pub fn digest(&self) -> [u8; 32] {
+    /// Every room's summary and a digest of them all, taken at one instant: equal digests on two
+    /// replicas mean nothing to exchange, and then each holds exactly these summaries.
+    pub fn index_snapshot(&self) -> (Vec<RoomSummary>, [u8; 32]) {
         let index = lock(&self.inner.index);
         let mut hasher = Sha256::new();
+        let mut summaries = Vec::with_capacity(index.len());
         for (room, (vv, side)) in index.iter() {
             hasher.update((room.0.len() as u64).to_be_bytes());
             hasher.update(room.0.as_bytes());
@@ -640,8 +663,14 @@ impl CrdtStore {
             }
             hasher.update(u64::MAX.to_be_bytes());
             hasher.update(side);
+            summaries.push(RoomSummary { room: room.clone(), version_vector: vv.clone(), side_digest: *side });
         }
-        hasher.finalize().into()
+        (summaries, hasher.finalize().into())
+    }
+
+    /// The digest of [`CrdtStore::index_snapshot`].
+    pub fn digest(&self) -> [u8; 32] {
+        self.index_snapshot().1
     }
 
     /// The rooms `peer` lacks something of (events or side state), with what it is known to
