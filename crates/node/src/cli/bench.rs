@@ -94,11 +94,17 @@ async fn raft(args: RaftBenchArgs) -> anyhow::Result<()> {
     }
     println!("{:>8} {:>12} {:>10} {:>10} {:>10}", "clients", "commits/s", "p50 ms", "p99 ms", "errors");
     for &clients in &args.clients {
-        let mut tasks = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(args.seconds);
+        // Log every client in first (argon2 is slow on purpose), then start the clock.
+        let mut clients_ready = Vec::with_capacity(clients);
         for c in 0..clients {
             let mut client = ChatServiceClient::new(channels[c % channels.len()].clone());
             let token = login(&mut client, &format!("bench-{c}")).await?;
+            clients_ready.push((c, client, token));
+        }
+        let mut tasks = Vec::new();
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(args.seconds);
+        for (c, mut client, token) in clients_ready {
             let rooms = rooms.clone();
             tasks.push(tokio::spawn(async move {
                 let mut latencies = Vec::new();
@@ -120,7 +126,6 @@ async fn raft(args: RaftBenchArgs) -> anyhow::Result<()> {
                 (latencies, errors)
             }));
         }
-        let started = Instant::now();
         let mut latencies = Vec::new();
         let mut errors = 0;
         for task in tasks {
