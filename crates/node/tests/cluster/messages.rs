@@ -255,3 +255,49 @@ async fn non_members_bad_input_and_floods_get_typed_errors() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_presence_and_read_markers_reach_subscribers_on_other_nodes() {
+    use palaver_proto::v1::{MarkReadRequest, PresenceStatus, SetPresenceRequest, TypingRequest};
+    let cluster = TestCluster::start(3, 2, &[]).await;
+    let ada = room_with(&cluster, "lively").await;
+    let mut other = cluster.chat(2);
+    let mia = user(&mut other, "mia").await;
+    other.join(authed(RoomRequest { room: "lively".into() }, &mia)).await.expect("mia joins");
+    let request = SubscribeRequest { room: "lively".into(), version_vector: None };
+    let mut stream = cluster.chat(0).subscribe(authed(request, &ada)).await.expect("subscribe").into_inner();
+    let posted = post(&mut cluster.chat(0), &ada, "lively", "anyone?", AckLevel::Quorum).await.expect("post");
+
+    // mia, on another node: typing, online, and she read ada's message.
+    other.typing(authed(TypingRequest { room: "lively".into(), typing: true }, &mia)).await.expect("typing");
+    let presence = SetPresenceRequest { status: PresenceStatus::Online as i32, rooms: vec!["lively".into()] };
+    other.set_presence(authed(presence, &mia)).await.expect("presence");
+    let page = history(&mut other, &mia, "lively").await.expect("history");
+    assert_eq!(page, vec![posted]);
+    let full = other
+        .history(authed(HistoryRequest { room: "lively".into(), limit: 1, ..Default::default() }, &mia))
+        .await
+        .expect("history")
+        .into_inner();
+    let position = full.messages[0].position;
+    let unread = |rooms: palaver_proto::v1::ListRoomsResponse| {
+        rooms.rooms.into_iter().find(|r| r.room == "lively").map(|r| r.unread_count)
+    };
+    let listed = other.list_rooms(authed(palaver_proto::v1::ListRoomsRequest {}, &mia)).await.expect("list");
+    assert_eq!(unread(listed.into_inner()), Some(1), "ada's message is unread for mia");
+    other.mark_read(authed(MarkReadRequest { room: "lively".into(), position }, &mia)).await.expect("mark read");
+    let listed = other.list_rooms(authed(palaver_proto::v1::ListRoomsRequest {}, &mia)).await.expect("list");
+    assert_eq!(unread(listed.into_inner()), Some(0), "read now");
+
+    let mut seen_typing = false;
+    let mut seen_online = false;
+    let mut seen_marker = false;
+    while !(seen_typing && seen_online && seen_marker) {
+        let event = stream.message().await.expect("healthy").expect("open");
+        if let Some(room_event::Event::State(state)) = event.event {
+            seen_typing |= state.typing.contains(&"mia".to_string());
+            seen_online |= state.presence.get("mia") == Some(&(PresenceStatus::Online as i32));
+            seen_marker |= state.read_markers.contains_key("mia");
+        }
+    }
+}
