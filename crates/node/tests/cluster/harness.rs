@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use palaver_proto::v1::admin_service_client::AdminServiceClient;
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
-use palaver_proto::v1::{LoginRequest, RegisterRequest, StatusRequest, StatusResponse};
+use palaver_proto::v1::{AckLevel, LoginRequest, PostRequest, RegisterRequest, StatusRequest, StatusResponse};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
@@ -239,4 +239,22 @@ pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
 /// The stable error code of a failed call.
 pub fn code(status: &tonic::Status) -> String {
     status.metadata().get("palaver-error").and_then(|v| v.to_str().ok()).unwrap_or("<none>").to_owned()
+}
+
+/// Post `body` to `room` (client message id `cid-<body>`) and return the message id.
+pub async fn post(
+    client: &mut ChatServiceClient<Channel>,
+    token: &str,
+    room: &str,
+    body: &str,
+    ack: AckLevel,
+) -> Result<String, tonic::Status> {
+    let request = PostRequest {
+        room: room.into(),
+        body: body.into(),
+        client_message_id: format!("cid-{body}"),
+        ack: ack as i32,
+        seen: None,
+    };
+    Ok(client.post(authed(request, token)).await?.into_inner().message_id)
 }

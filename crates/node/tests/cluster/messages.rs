@@ -5,29 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::{
-    AckLevel, CreateRoomRequest, EditRequest, HistoryRequest, MessageEventKind, PostRequest, ReactRequest, RoomEvent,
-    RoomRequest, SubscribeRequest, VersionVector, room_event,
+    AckLevel, CreateRoomRequest, EditRequest, HistoryRequest, MessageEventKind, ReactRequest, RoomEvent, RoomRequest,
+    SubscribeRequest, VersionVector, room_event,
 };
 use tonic::transport::Channel;
 
-use crate::harness::{TestCluster, authed, code, user, wait_for};
-
-async fn post(
-    client: &mut ChatServiceClient<Channel>,
-    token: &str,
-    room: &str,
-    body: &str,
-    ack: AckLevel,
-) -> Result<String, tonic::Status> {
-    let request = PostRequest {
-        room: room.into(),
-        body: body.into(),
-        client_message_id: format!("cid-{body}"),
-        ack: ack as i32,
-        seen: None,
-    };
-    Ok(client.post(authed(request, token)).await?.into_inner().message_id)
-}
+use crate::harness::{TestCluster, authed, code, post, user, wait_for};
 
 async fn history(
     client: &mut ChatServiceClient<Channel>,

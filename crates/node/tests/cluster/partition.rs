@@ -9,13 +9,13 @@ use std::time::Duration;
 use palaver_node::{Bootstrap, Dialer, Node, NodeConfig, NodeEnv, SharedRng, SystemClock};
 use palaver_proto::v1::admin_service_client::AdminServiceClient;
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
-use palaver_proto::v1::{AckLevel, CreateRoomRequest, HistoryRequest, PostRequest, RoomRequest, StatusRequest};
+use palaver_proto::v1::{AckLevel, CreateRoomRequest, HistoryRequest, RoomRequest, StatusRequest};
 use palaver_shard::{MemEngine, ReplicaOptions};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::harness::{authed, code, user, wait_for};
+use crate::harness::{authed, code, post, user, wait_for};
 
 /// The network between in-process nodes: which directed links are cut.
 #[derive(Debug, Default)]
@@ -162,23 +162,6 @@ impl InProcessCluster {
             node.shutdown().await;
         }
     }
-}
-
-async fn post(
-    client: &mut ChatServiceClient<Channel>,
-    token: &str,
-    room: &str,
-    body: &str,
-    ack: AckLevel,
-) -> Result<String, tonic::Status> {
-    let request = PostRequest {
-        room: room.into(),
-        body: body.into(),
-        client_message_id: format!("cid-{body}"),
-        ack: ack as i32,
-        seen: None,
-    };
-    Ok(client.post(authed(request, token)).await?.into_inner().message_id)
 }
 
 /// Every message id of `room` as node `i` shows it, oldest first.
