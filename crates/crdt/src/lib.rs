@@ -58,6 +58,7 @@ pub mod hlc;
 pub mod message_log;
 pub mod presence;
 pub mod read_marker;
+mod register;
 pub mod typing;
 pub mod version_vector;
 

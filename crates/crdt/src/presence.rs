@@ -82,17 +82,7 @@ impl PresenceMap {
 
     /// Write `entry` for `user` if it is later than the entry held; returns whether it was.
     pub fn set(&mut self, user: UserName, entry: PresenceEntry) -> bool {
-        match self.entries.get_mut(&user) {
-            Some(held) if held.lww_cmp(&entry) != Ordering::Less => false,
-            Some(held) => {
-                *held = entry;
-                true
-            }
-            None => {
-                self.entries.insert(user, entry);
-                true
-            }
-        }
+        crate::register::keep_greater(&mut self.entries, user, entry, |new, held| held.lww_cmp(new) == Ordering::Less)
     }
 
     /// Take every later entry of `other`.

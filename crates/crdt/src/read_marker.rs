@@ -25,17 +25,7 @@ impl ReadMarkers {
     /// `user` has read up to and including `position`. Returns whether the marker moved (it
     /// never moves back).
     pub fn mark(&mut self, user: UserName, position: Position) -> bool {
-        match self.markers.get_mut(&user) {
-            Some(held) if *held >= position => false,
-            Some(held) => {
-                *held = position;
-                true
-            }
-            None => {
-                self.markers.insert(user, position);
-                true
-            }
-        }
+        crate::register::keep_greater(&mut self.markers, user, position, |new, held| new > held)
     }
 
     /// Take every marker of `other` that is further along.

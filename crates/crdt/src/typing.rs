@@ -48,17 +48,7 @@ impl TypingMap {
 
     /// Write `entry` for `user` if it is later than the entry held; returns whether it was.
     pub fn set_entry(&mut self, user: UserName, entry: TypingEntry) -> bool {
-        match self.entries.get_mut(&user) {
-            Some(held) if *held >= entry => false,
-            Some(held) => {
-                *held = entry;
-                true
-            }
-            None => {
-                self.entries.insert(user, entry);
-                true
-            }
-        }
+        crate::register::keep_greater(&mut self.entries, user, entry, |new, held| new > held)
     }
 
     /// Take every later entry of `other`.
