@@ -37,6 +37,11 @@ pub trait Dialer: Send + Sync + fmt::Debug + 'static {
 pub const PEER_CONNECT_TIMEOUT_MS: u64 = 1_000;
 /// Time allowed for one peer RPC.
 pub const PEER_REQUEST_TIMEOUT_MS: u64 = 5_000;
+/// HTTP/2 keepalive ping interval on peer connections: how a link stream to a peer that
+/// vanished without a reset (a cut cable, a frozen host) is found dead.
+pub const PEER_KEEPALIVE_INTERVAL_MS: u64 = 2_000;
+/// A keepalive ping unanswered for this long closes the connection and its link.
+pub const PEER_KEEPALIVE_TIMEOUT_MS: u64 = 4_000;
 
 /// Plain TCP (HTTP/2 without TLS), connecting lazily.
 #[derive(Debug, Default, Clone, Copy)]
@@ -49,7 +54,8 @@ impl Dialer for TcpDialer {
             .connect_timeout(Duration::from_millis(PEER_CONNECT_TIMEOUT_MS))
             .timeout(Duration::from_millis(PEER_REQUEST_TIMEOUT_MS))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_millis(PEER_KEEPALIVE_INTERVAL_MS))
+            .keep_alive_timeout(Duration::from_millis(PEER_KEEPALIVE_TIMEOUT_MS))
             .keep_alive_while_idle(true);
         Ok(endpoint.connect_lazy())
     }

@@ -112,7 +112,8 @@ impl ApiError {
         }
     }
 
-    fn grpc_code(&self) -> tonic::Code {
+    /// The gRPC status code this error maps to.
+    pub fn grpc_code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
             ApiError::InvalidInput { .. } => Code::InvalidArgument,

@@ -3,10 +3,11 @@
 //! protobuf in, a call into [`crate::ops`] / [`crate::routing`] / the replicas, protobuf out;
 //! errors become statuses in one place ([`ApiError`]'s `From` impl).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::future::join_all;
 use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
@@ -19,17 +20,20 @@ use palaver_shard::meta::Room;
 use palaver_shard::types::{Snapshot, SnapshotMeta, Vote};
 use palaver_shard::{Command, Outcome, Role, RoomSettings, Visibility, keys};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tonic::{Request, Response, Status};
 
 use crate::convert::{self, role_to_pb};
+use crate::dispatch;
 use crate::error::ApiError;
 use crate::limits::{CLIENT_MESSAGE_BYTES_MAX, PEER_MESSAGE_BYTES_MAX};
-use crate::messaging::SideWrite;
 use crate::node::NodeInner;
 use crate::ops::{Ops, TargetAction};
+use crate::peer::{LINK_CALLS_IN_FLIGHT_MAX, LINK_CALLS_PER_FRAME_MAX};
 use crate::routing::{self, LocalError};
 
+/// Most requests of one `Pipeline` stream running at once; past that the stream is not read.
+pub const PIPELINE_IN_FLIGHT_MAX: usize = 1024;
 /// How long a status call waits for each node.
 pub const STATUS_NODE_TIMEOUT_MS: u64 = 2_000;
 
@@ -45,13 +49,21 @@ pub async fn serve(node: Arc<NodeInner>, listener: TcpListener, mut stopped: wat
             return;
         }
     };
-    let chat = ChatServiceServer::new(ChatApi { ops: Ops::new(node.clone()) })
+    let chat = ChatServiceServer::new(ChatApi { ops: Ops::new(node.clone()), stopped: stopped.clone() })
         .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
     let admin = AdminServiceServer::new(AdminApi { node: node.clone() });
-    let peer = PeerServiceServer::new(PeerApi { node: node.clone() })
+    let peer = PeerServiceServer::new(PeerApi { node: node.clone(), stopped: stopped.clone() })
         .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Accepted sockets do not inherit the builder's `tcp_nodelay` when the listener is ours:
+    // without it, Nagle holds back the small frames of streams until the peer's delayed ACK.
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |socket| {
+        socket.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::warn!(error = %e, "could not set TCP_NODELAY");
+            }
+        })
+    });
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(chat)
@@ -73,15 +85,6 @@ fn bearer<T>(request: &Request<T>) -> Option<&str> {
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-}
-
-fn role_from_pb(role: i32) -> Result<Role, ApiError> {
-    match pb::Role::try_from(role) {
-        Ok(pb::Role::Member) => Ok(Role::Member),
-        Ok(pb::Role::Admin) => Ok(Role::Admin),
-        Ok(pb::Role::Owner) => Ok(Role::Owner),
-        _ => Err(ApiError::invalid("role", "must be ROLE_MEMBER, ROLE_ADMIN or ROLE_OWNER")),
-    }
 }
 
 fn visibility_from_pb(visibility: i32) -> Result<Visibility, ApiError> {
@@ -121,14 +124,12 @@ fn room_to_pb(id: &str, shard: ShardId, room: &Room, viewer: &palaver_ids::UserN
     }
 }
 
-fn ack(done: routing::Committed, shard: ShardId) -> pb::Ack {
-    pb::Ack { shard: shard.0, log_index: done.log_index }
-}
-
 /// `palaver.v1.ChatService`.
 #[derive(Debug)]
 struct ChatApi {
     ops: Ops,
+    /// Long-lived streams end when this turns true, so that shutdown does not wait on them.
+    stopped: watch::Receiver<bool>,
 }
 
 impl ChatApi {
@@ -199,7 +200,7 @@ impl ChatService for ChatApi {
         let user = self.user(&request)?;
         let room = request.into_inner().room;
         let done = self.ops.delete_room(&user, &room).await?;
-        Ok(Response::new(ack(done, self.shard_of(&room))))
+        Ok(Response::new(pb::Ack { shard: self.shard_of(&room).0, log_index: done.log_index }))
     }
 
     async fn update_room(&self, request: Request<pb::UpdateRoomRequest>) -> Result<Response<pb::Room>, Status> {
@@ -216,91 +217,57 @@ impl ChatService for ChatApi {
 
     async fn join(&self, request: Request<pb::RoomRequest>) -> Result<Response<pb::Ack>, Status> {
         let user = self.user(&request)?;
-        let room = request.into_inner().room;
-        let done = self.ops.join(&user, &room).await?;
-        Ok(Response::new(ack(done, self.shard_of(&room))))
+        Ok(Response::new(dispatch::join(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn invite(&self, request: Request<pb::TargetRequest>) -> Result<Response<pb::Ack>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let done = self.ops.act_on(&user, TargetAction::Invite, &request.room, &request.user).await?;
-        Ok(Response::new(ack(done, self.shard_of(&request.room))))
+        Ok(Response::new(dispatch::act_on(&self.ops, &user, TargetAction::Invite, request.into_inner()).await?))
     }
 
     async fn leave(&self, request: Request<pb::RoomRequest>) -> Result<Response<pb::Ack>, Status> {
         let user = self.user(&request)?;
-        let room = request.into_inner().room;
-        let done = self.ops.leave(&user, &room).await?;
-        Ok(Response::new(ack(done, self.shard_of(&room))))
+        Ok(Response::new(dispatch::leave(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn kick(&self, request: Request<pb::TargetRequest>) -> Result<Response<pb::Ack>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let done = self.ops.act_on(&user, TargetAction::Kick, &request.room, &request.user).await?;
-        Ok(Response::new(ack(done, self.shard_of(&request.room))))
+        Ok(Response::new(dispatch::act_on(&self.ops, &user, TargetAction::Kick, request.into_inner()).await?))
     }
 
     async fn ban(&self, request: Request<pb::BanRequest>) -> Result<Response<pb::Ack>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let done = self.ops.ban(&user, &request.room, &request.user, &request.reason).await?;
-        Ok(Response::new(ack(done, self.shard_of(&request.room))))
+        Ok(Response::new(dispatch::ban(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn unban(&self, request: Request<pb::TargetRequest>) -> Result<Response<pb::Ack>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let done = self.ops.act_on(&user, TargetAction::Unban, &request.room, &request.user).await?;
-        Ok(Response::new(ack(done, self.shard_of(&request.room))))
+        Ok(Response::new(dispatch::act_on(&self.ops, &user, TargetAction::Unban, request.into_inner()).await?))
     }
 
     async fn set_role(&self, request: Request<pb::SetRoleRequest>) -> Result<Response<pb::Ack>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let role = role_from_pb(request.role)?;
-        let done = self.ops.set_role(&user, &request.room, &request.user, role).await?;
-        Ok(Response::new(ack(done, self.shard_of(&request.room))))
+        Ok(Response::new(dispatch::set_role(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn post(&self, request: Request<pb::PostRequest>) -> Result<Response<pb::PostResponse>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let ack = convert::ack_from_pb(request.ack)?;
-        let seen = request.seen.as_ref().map(|p| convert::position_from_pb(p).hlc);
-        let done = self.ops.post(&user, &request.room, &request.body, &request.client_message_id, ack, seen).await?;
-        Ok(Response::new(pb::PostResponse {
-            message_id: done.written.message_id.to_string(),
-            position: Some(convert::position_to_pb(done.written.position)),
-            duplicate: done.written.duplicate,
-            ack: convert::ack_to_pb(done.ack),
-        }))
+        Ok(Response::new(dispatch::post(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn edit(&self, request: Request<pb::EditRequest>) -> Result<Response<pb::EventAck>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let ack = convert::ack_from_pb(request.ack)?;
-        let done = self.ops.edit(&user, &request.room, &request.message_id, &request.body, ack).await?;
-        Ok(Response::new(event_ack(&done)))
+        Ok(Response::new(dispatch::edit(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn redact(&self, request: Request<pb::MessageRequest>) -> Result<Response<pb::EventAck>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let ack = convert::ack_from_pb(request.ack)?;
-        let done = self.ops.redact(&user, &request.room, &request.message_id, ack).await?;
-        Ok(Response::new(event_ack(&done)))
+        Ok(Response::new(dispatch::redact(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn react(&self, request: Request<pb::ReactRequest>) -> Result<Response<pb::EventAck>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let ack = convert::ack_from_pb(request.ack)?;
-        let done =
-            self.ops.react(&user, &request.room, &request.message_id, &request.reaction, request.remove, ack).await?;
-        Ok(Response::new(event_ack(&done)))
+        Ok(Response::new(dispatch::react(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
@@ -333,34 +300,69 @@ impl ChatService for ChatApi {
         request: Request<pb::SetPresenceRequest>,
     ) -> Result<Response<pb::SetPresenceResponse>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let status = convert::presence_from_pb(request.status)?;
-        let rooms = self.ops.set_presence(&user, &request.rooms, status).await?;
-        Ok(Response::new(pb::SetPresenceResponse { rooms }))
+        Ok(Response::new(dispatch::set_presence(&self.ops, &user, request.into_inner()).await?))
+    }
+
+    type PipelineStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::PipelineReply, Status>> + Send>>;
+
+    async fn pipeline(
+        &self,
+        request: Request<tonic::Streaming<pb::PipelineRequest>>,
+    ) -> Result<Response<Self::PipelineStream>, Status> {
+        // Refuse a stream without a valid token at once; then check it on every request, so
+        // that a token expiring mid-stream stops working.
+        self.user(&request)?;
+        let token = bearer(&request).unwrap_or_default().to_owned();
+        let mut incoming = request.into_inner();
+        let (replies, outgoing) = mpsc::channel::<Result<pb::PipelineReply, Status>>(PIPELINE_IN_FLIGHT_MAX);
+        let ops = self.ops.clone();
+        let limit = Arc::new(Semaphore::new(PIPELINE_IN_FLIGHT_MAX));
+        let mut stopping = self.stopped.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = incoming.message() => next,
+                    _ = stopping.wait_for(|stop| *stop) => return,
+                };
+                let request = match next {
+                    Ok(Some(request)) => request,
+                    Ok(None) => return,
+                    Err(status) => {
+                        // A malformed frame ends the stream with its status; the node goes on.
+                        let _ = replies.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let Ok(permit) = limit.clone().acquire_owned().await else { return };
+                let (ops, replies, token) = (ops.clone(), replies.clone(), token.clone());
+                tokio::spawn(async move {
+                    let result = match ops.authenticate(Some(&token)) {
+                        Ok(user) => dispatch::pipeline(&ops, &user, request.op).await,
+                        Err(e) => Err(e),
+                    };
+                    let result =
+                        result.unwrap_or_else(|e| pb::pipeline_reply::Result::Error(dispatch::pipeline_error(&e)));
+                    let _ = replies.send(Ok(pb::PipelineReply { id: request.id, result: Some(result) })).await;
+                    drop(permit);
+                });
+            }
+        });
+        let mut stopped = self.stopped.clone();
+        let replies = tokio_stream::wrappers::ReceiverStream::new(outgoing).take_until(async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        });
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn typing(&self, request: Request<pb::TypingRequest>) -> Result<Response<pb::EventAck>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        self.ops.side_write(&user, &request.room, SideWrite::Typing(request.typing)).await?;
-        Ok(Response::new(pb::EventAck { position: None, ack: pb::AckLevel::One as i32 }))
+        Ok(Response::new(dispatch::typing(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn mark_read(&self, request: Request<pb::MarkReadRequest>) -> Result<Response<pb::EventAck>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let position = request.position.as_ref().ok_or_else(|| ApiError::invalid("position", "is required"))?;
-        let position = convert::position_from_pb(position);
-        self.ops.side_write(&user, &request.room, SideWrite::Read(position)).await?;
-        Ok(Response::new(pb::EventAck {
-            position: Some(convert::position_to_pb(position)),
-            ack: pb::AckLevel::One as i32,
-        }))
+        Ok(Response::new(dispatch::mark_read(&self.ops, &user, request.into_inner()).await?))
     }
-}
-
-fn event_ack(done: &crate::messaging::WriteAck) -> pb::EventAck {
-    pb::EventAck { position: Some(convert::position_to_pb(done.written.position)), ack: convert::ack_to_pb(done.ack) }
 }
 
 /// `palaver.v1.AdminService`.
@@ -468,10 +470,15 @@ fn local_status(node: &NodeInner) -> pb::LocalStatusReply {
     pb::LocalStatusReply { node_id: node.id.0, shards }
 }
 
+/// A Raft message waiting for its group's turn on a link: call id, message, in-flight permit.
+type GroupCall = (u64, pb::RaftMessage, OwnedSemaphorePermit);
+
 /// `palaver.v1.PeerService`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PeerApi {
     node: Arc<NodeInner>,
+    /// Links end when this turns true, so that shutdown does not wait on them.
+    stopped: watch::Receiver<bool>,
 }
 
 impl PeerApi {
@@ -485,6 +492,82 @@ impl PeerApi {
         }
         // A leader is adding this node to the shard before our own reconcile started it.
         self.node.replicas.ensure(shard).await.map_err(|e| e.to_string())
+    }
+
+    /// Answer one call of a link; failures become the error answer, timeouts included.
+    async fn answer(&self, body: Option<pb::link_call::Body>) -> pb::link_answer::Body {
+        use pb::link_answer::Body as Answer;
+        use pb::link_call::Body as Call;
+        let work = async {
+            match body {
+                Some(Call::Raft(message)) => Ok(Answer::Raft(pb::RaftReply {
+                    result: Some(match self.raft_one(message).await {
+                        Ok(bytes) => pb::raft_reply::Result::Payload(bytes),
+                        Err(e) => pb::raft_reply::Result::Error(e),
+                    }),
+                })),
+                Some(Call::Forward(request)) => self.forward(request).await.map(Answer::Forward),
+                Some(Call::Read(request)) => self.read(request).await.map(Answer::Read),
+                Some(Call::Crdt(request)) => self.crdt(request).await.map(Answer::Crdt),
+                None => Err(Status::invalid_argument("empty link call")),
+            }
+        };
+        let timeout = Duration::from_millis(crate::env::PEER_REQUEST_TIMEOUT_MS);
+        let result = tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(Status::unavailable("timed out on the answering node")));
+        result.unwrap_or_else(|status| {
+            Answer::Error(pb::LinkError { code: status.code() as i32, message: status.message().to_owned() })
+        })
+    }
+
+    async fn forward(&self, request: pb::ForwardRequest) -> Result<pb::ForwardReply, Status> {
+        let command: Command =
+            keys::decode(&request.command).map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
+        match routing::execute_local(&self.node, ShardId(request.shard), command).await {
+            Ok(done) => Ok(pb::ForwardReply {
+                result: Some(pb::forward_reply::Result::Outcome(
+                    keys::encode(&done.outcome).map_err(|e| Status::internal(e.to_string()))?,
+                )),
+                log_index: done.log_index,
+            }),
+            Err(LocalError::NotLeader(hint)) => Ok(pb::ForwardReply {
+                result: Some(pb::forward_reply::Result::Redirect(routing::redirect(
+                    &self.node,
+                    hint,
+                    "not the leader",
+                ))),
+                log_index: 0,
+            }),
+            Err(LocalError::Api(e)) => Err(e.into()),
+        }
+    }
+
+    async fn read(&self, request: pb::ReadRequest) -> Result<pb::ReadReply, Status> {
+        let query =
+            keys::decode(&request.query).map_err(|e| Status::invalid_argument(format!("malformed query: {e}")))?;
+        let result = match routing::read_local(&self.node, ShardId(request.shard), &query).await {
+            Ok(answer) => {
+                pb::read_reply::Result::Answer(keys::encode(&answer).map_err(|e| Status::internal(e.to_string()))?)
+            }
+            Err(LocalError::NotLeader(hint)) => {
+                pb::read_reply::Result::Redirect(routing::redirect(&self.node, hint, "not the leader"))
+            }
+            Err(LocalError::Api(e)) => return Err(e.into()),
+        };
+        Ok(pb::ReadReply { result: Some(result) })
+    }
+
+    async fn crdt(&self, request: pb::CrdtRequest) -> Result<pb::CrdtReply, Status> {
+        let replica = self.replica_for(request.shard, false).await.map_err(Status::failed_precondition)?;
+        let message = keys::decode(&request.payload)
+            .map_err(|e| Status::invalid_argument(format!("malformed replication message: {e}")))?;
+        let answer =
+            crate::replication::handle(&replica.crdt, palaver_ids::NodeId(request.from), message, self.node.now_ms())
+                .await
+                .map_err(Status::internal)?;
+        let payload = keys::encode(&answer).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(pb::CrdtReply { payload })
     }
 
     async fn raft_one(&self, message: pb::RaftMessage) -> Result<Vec<u8>, String> {
@@ -520,19 +603,73 @@ impl PeerApi {
 
 #[tonic::async_trait]
 impl PeerService for PeerApi {
-    async fn raft(&self, request: Request<pb::RaftBatch>) -> Result<Response<pb::RaftBatchReply>, Status> {
-        let batch = request.into_inner();
-        let replies = join_all(batch.messages.into_iter().map(|m| self.raft_one(m))).await;
-        let replies = replies
-            .into_iter()
-            .map(|r| pb::RaftReply {
-                result: Some(match r {
-                    Ok(bytes) => pb::raft_reply::Result::Payload(bytes),
-                    Err(e) => pb::raft_reply::Result::Error(e),
-                }),
-            })
-            .collect();
-        Ok(Response::new(pb::RaftBatchReply { replies }))
+    type LinkStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::LinkAnswers, Status>> + Send>>;
+
+    async fn link(
+        &self,
+        request: Request<tonic::Streaming<pb::LinkCalls>>,
+    ) -> Result<Response<Self::LinkStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (answers, outgoing) = mpsc::channel::<pb::LinkAnswer>(LINK_CALLS_IN_FLIGHT_MAX);
+        let api = self.clone();
+        let mut stopping = self.stopped.clone();
+        let limit = Arc::new(Semaphore::new(LINK_CALLS_IN_FLIGHT_MAX));
+        tokio::spawn(async move {
+            // Raft messages of one shard run one after another, in the order they came: openraft
+            // replicates as if over one ordered stream per group and peer. Every other call runs
+            // on its own, so a slow one (a forwarded command waiting for its commit) holds up
+            // nothing. The caller keeps at most LINK_CALLS_IN_FLIGHT_MAX outstanding; so does
+            // this side.
+            let mut groups: HashMap<u32, mpsc::UnboundedSender<GroupCall>> = HashMap::new();
+            loop {
+                let frame = tokio::select! {
+                    frame = incoming.message() => frame,
+                    _ = stopping.wait_for(|stop| *stop) => return,
+                };
+                let Ok(Some(frame)) = frame else { return };
+                for call in frame.calls {
+                    let Ok(permit) = limit.clone().acquire_owned().await else { return };
+                    if let Some(pb::link_call::Body::Raft(message)) = call.body {
+                        let group = groups.entry(message.shard).or_insert_with(|| {
+                            let (queue, mut next) = mpsc::unbounded_channel();
+                            let (api, answers) = (api.clone(), answers.clone());
+                            tokio::spawn(async move {
+                                while let Some((id, message, permit)) = next.recv().await {
+                                    let body = api.answer(Some(pb::link_call::Body::Raft(message))).await;
+                                    let _ = answers.send(pb::LinkAnswer { id, body: Some(body) }).await;
+                                    drop(permit);
+                                }
+                            });
+                            queue
+                        });
+                        let _ = group.send((call.id, message, permit));
+                        continue;
+                    }
+                    let (api, answers) = (api.clone(), answers.clone());
+                    tokio::spawn(async move {
+                        let body = api.answer(call.body).await;
+                        let _ = answers.send(pb::LinkAnswer { id: call.id, body: Some(body) }).await;
+                        drop(permit);
+                    });
+                }
+            }
+        });
+        let frames = futures::stream::unfold(outgoing, |mut outgoing| async move {
+            let first = outgoing.recv().await?;
+            let mut answers = vec![first];
+            while answers.len() < LINK_CALLS_PER_FRAME_MAX {
+                match outgoing.try_recv() {
+                    Ok(next) => answers.push(next),
+                    Err(_) => break,
+                }
+            }
+            Some((Ok(pb::LinkAnswers { answers }), outgoing))
+        });
+        let mut stopped = self.stopped.clone();
+        let frames = frames.take_until(async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        });
+        Ok(Response::new(Box::pin(frames)))
     }
 
     async fn install_snapshot(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<pb::RaftReply>, Status> {
@@ -552,46 +689,6 @@ impl PeerService for PeerApi {
                 Err(e) => pb::raft_reply::Result::Error(e),
             }),
         }))
-    }
-
-    async fn forward(&self, request: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardReply>, Status> {
-        let request = request.into_inner();
-        let command: Command =
-            keys::decode(&request.command).map_err(|e| Status::invalid_argument(format!("malformed command: {e}")))?;
-        let reply = match routing::execute_local(&self.node, ShardId(request.shard), command).await {
-            Ok(done) => pb::ForwardReply {
-                result: Some(pb::forward_reply::Result::Outcome(
-                    keys::encode(&done.outcome).map_err(|e| Status::internal(e.to_string()))?,
-                )),
-                log_index: done.log_index,
-            },
-            Err(LocalError::NotLeader(hint)) => pb::ForwardReply {
-                result: Some(pb::forward_reply::Result::Redirect(routing::redirect(
-                    &self.node,
-                    hint,
-                    "not the leader",
-                ))),
-                log_index: 0,
-            },
-            Err(LocalError::Api(e)) => return Err(e.into()),
-        };
-        Ok(Response::new(reply))
-    }
-
-    async fn read(&self, request: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
-        let request = request.into_inner();
-        let query =
-            keys::decode(&request.query).map_err(|e| Status::invalid_argument(format!("malformed query: {e}")))?;
-        let result = match routing::read_local(&self.node, ShardId(request.shard), &query).await {
-            Ok(answer) => {
-                pb::read_reply::Result::Answer(keys::encode(&answer).map_err(|e| Status::internal(e.to_string()))?)
-            }
-            Err(LocalError::NotLeader(hint)) => {
-                pb::read_reply::Result::Redirect(routing::redirect(&self.node, hint, "not the leader"))
-            }
-            Err(LocalError::Api(e)) => return Err(e.into()),
-        };
-        Ok(Response::new(pb::ReadReply { result: Some(result) }))
     }
 
     async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
@@ -633,18 +730,5 @@ impl PeerService for PeerApi {
         _request: Request<pb::LocalStatusRequest>,
     ) -> Result<Response<pb::LocalStatusReply>, Status> {
         Ok(Response::new(local_status(&self.node)))
-    }
-
-    async fn crdt(&self, request: Request<pb::CrdtRequest>) -> Result<Response<pb::CrdtReply>, Status> {
-        let request = request.into_inner();
-        let replica = self.replica_for(request.shard, false).await.map_err(Status::failed_precondition)?;
-        let message = keys::decode(&request.payload)
-            .map_err(|e| Status::invalid_argument(format!("malformed replication message: {e}")))?;
-        let answer =
-            crate::replication::handle(&replica.crdt, palaver_ids::NodeId(request.from), message, self.node.now_ms())
-                .await
-                .map_err(Status::internal)?;
-        let payload = keys::encode(&answer).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(pb::CrdtReply { payload }))
     }
 }

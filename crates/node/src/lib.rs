@@ -6,9 +6,9 @@
 //! accepts any client call and routes it to the leader of the room's shard.
 //!
 //! ## Request path
-//! client -> [`grpc`] (`ChatService`) -> [`ops`] (validate, authenticate, pick the shard by
-//! hashing) -> [`routing`] (to the shard's leader: local, or `PeerService.Forward` with
-//! redirects) -> openraft `client_write` -> the shard's log (fsynced by the node's group-commit
+//! client -> [`grpc`] (`ChatService`, unary or `Pipeline`) -> [`dispatch`] -> [`ops`] (validate,
+//! authenticate, pick the shard by hashing) -> [`routing`] (to the shard's leader: local, or a
+//! forward call on the [`peer`] link, with redirects) -> openraft `client_write` -> the shard's log (fsynced by the node's group-commit
 //! thread) -> replicated over [`peer`] links ([`raft_network`]) -> applied by every replica ->
 //! outcome back along the same path.
 //!
@@ -17,6 +17,7 @@
 //! - [`cluster`]: persisted identity, the cluster view, placement reconciliation.
 //! - [`replicas`]: the replicas this node runs.
 //! - [`routing`], [`query`]: commands and reads to the shard leader.
+//! - [`dispatch`]: each client write over protobuf types, shared by unary calls and `Pipeline`.
 //! - [`ops`], [`messaging`], [`subscribe`]: client operations, written once for every surface.
 //! - [`replication`]: CRDT pushes and anti-entropy between the replicas of each shard.
 //! - [`convert`]: protobuf conversions.
@@ -38,6 +39,7 @@
 pub mod auth;
 pub mod cluster;
 pub mod convert;
+pub mod dispatch;
 pub mod env;
 pub mod error;
 pub mod grpc;

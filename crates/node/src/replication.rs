@@ -193,13 +193,12 @@ impl Pusher {
         let link = self.node.replicas.peers().link(&self.addr).map_err(|e| e.to_string())?;
         let payload = keys::encode(message).map_err(|e| e.to_string())?;
         let request = CrdtRequest { shard: self.replica.shard.0, from: self.node.id.0, payload };
-        let mut client = link.client();
-        let call = client.crdt(request);
+        let call = link.crdt(request);
         let reply = tokio::time::timeout(Duration::from_millis(CRDT_CALL_TIMEOUT_MS), call)
             .await
             .map_err(|_| "timed out".to_string())?
-            .map_err(|status| status.message().to_owned())?;
-        keys::decode(&reply.into_inner().payload).map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())?;
+        keys::decode(&reply.payload).map_err(|e| e.to_string())
     }
 
     /// One full anti-entropy exchange: digests, then listings page by page if they differ. The

@@ -21,6 +21,7 @@ use palaver_shard::{Command, Outcome, keys};
 
 use crate::error::ApiError;
 use crate::node::NodeInner;
+use crate::peer::PeerError;
 use crate::query::{Answer, Query};
 
 /// How long a request keeps trying to reach its shard's leader.
@@ -113,25 +114,25 @@ pub async fn submit(node: &Arc<NodeInner>, shard: ShardId, command: Command) -> 
                 };
             }
             let Some(link) = link_to(node, target) else { return Attempt::Redirected(None) };
-            match link.client().forward(ForwardRequest { shard: shard.0, command: frame }).await {
-                Ok(reply) => {
-                    let reply = reply.into_inner();
-                    match reply.result {
-                        Some(forward_reply::Result::Outcome(bytes)) => match keys::decode(&bytes) {
-                            Ok(outcome) => Attempt::Done(Committed { outcome, log_index: reply.log_index }),
-                            Err(e) => Attempt::Failed(ApiError::Internal(format!("peer outcome: {e}"))),
-                        },
-                        Some(forward_reply::Result::Redirect(r)) => {
-                            Attempt::Redirected((r.leader_id != 0).then_some(NodeId(r.leader_id)))
-                        }
-                        None => Attempt::Redirected(None),
+            match link.forward(ForwardRequest { shard: shard.0, command: frame }).await {
+                Ok(reply) => match reply.result {
+                    Some(forward_reply::Result::Outcome(bytes)) => match keys::decode(&bytes) {
+                        Ok(outcome) => Attempt::Done(Committed { outcome, log_index: reply.log_index }),
+                        Err(e) => Attempt::Failed(ApiError::Internal(format!("peer outcome: {e}"))),
+                    },
+                    Some(forward_reply::Result::Redirect(r)) => {
+                        Attempt::Redirected((r.leader_id != 0).then_some(NodeId(r.leader_id)))
                     }
-                }
-                Err(status) if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown => {
+                    None => Attempt::Redirected(None),
+                },
+                Err(PeerError::Unreachable { .. }) => Attempt::Redirected(None),
+                Err(PeerError::Remote { code, .. })
+                    if code == tonic::Code::Unavailable || code == tonic::Code::Unknown =>
+                {
                     Attempt::Redirected(None)
                 }
-                Err(status) => {
-                    Attempt::Failed(ApiError::Unavailable { shard: shard.0, reason: status.message().into() })
+                Err(PeerError::Remote { reason, .. }) => {
+                    Attempt::Failed(ApiError::Unavailable { shard: shard.0, reason })
                 }
             }
         }
@@ -154,8 +155,8 @@ pub async fn read(node: &Arc<NodeInner>, shard: ShardId, query: Query) -> Result
                 };
             }
             let Some(link) = link_to(node, target) else { return Attempt::Redirected(None) };
-            match link.client().read(ReadRequest { shard: shard.0, query: frame }).await {
-                Ok(reply) => match reply.into_inner().result {
+            match link.read(ReadRequest { shard: shard.0, query: frame }).await {
+                Ok(reply) => match reply.result {
                     Some(read_reply::Result::Answer(bytes)) => match keys::decode(&bytes) {
                         Ok(answer) => Attempt::Done(answer),
                         Err(e) => Attempt::Failed(ApiError::Internal(format!("peer answer: {e}"))),

@@ -3,14 +3,20 @@
 //! `palaver bench raft` drives consensus writes (room joins and leaves, each one Raft commit
 //! fsynced on a majority) into a 3-node loopback cluster — started by the bench in a temporary
 //! directory unless `--addr` names a running one — and prints commits/s and latency
-//! percentiles for each concurrency level.
+//! percentiles for each concurrency level. Each client is its own user with one write in
+//! flight, sent on its own `ChatService.Pipeline` stream (or as unary calls with `--unary`).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
-use palaver_proto::v1::{CreateRoomRequest, LoginRequest, RegisterRequest, RoomRequest};
+use palaver_proto::v1::{
+    CreateRoomRequest, LoginRequest, PipelineReply, PipelineRequest, RegisterRequest, RoomRequest, pipeline_reply,
+    pipeline_request,
+};
+use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 #[derive(Debug, Args)]
@@ -45,6 +51,9 @@ struct RaftBenchArgs {
     /// First gRPC port of the cluster the bench starts.
     #[arg(long, default_value_t = 7301)]
     base_port: u16,
+    /// One unary call per write instead of each client's `Pipeline` stream.
+    #[arg(long)]
+    unary: bool,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -104,34 +113,36 @@ async fn raft(args: RaftBenchArgs) -> anyhow::Result<()> {
         let mut tasks = Vec::new();
         let started = Instant::now();
         let deadline = started + Duration::from_secs(args.seconds);
-        for (c, mut client, token) in clients_ready {
+        for (c, client, token) in clients_ready {
             let rooms = rooms.clone();
+            let unary = args.unary;
             tasks.push(tokio::spawn(async move {
+                let mut writer = Writer::open(client, token, unary).await?;
                 let mut latencies = Vec::new();
-                let mut errors = 0u64;
+                let mut errors = Vec::new();
                 let mut i = c;
                 while Instant::now() < deadline {
                     let room = rooms[i % rooms.len()].clone();
                     i += clients.max(1);
                     for join in [true, false] {
                         let started = Instant::now();
-                        let Ok(request) = authed(RoomRequest { room: room.clone() }, &token) else { continue };
-                        let result = if join { client.join(request).await } else { client.leave(request).await };
-                        match result {
-                            Ok(_) => latencies.push(started.elapsed()),
-                            Err(_) => errors += 1,
+                        match writer.membership(&room, join).await {
+                            Ok(()) => latencies.push(started.elapsed()),
+                            Err(error) => errors.push(error),
                         }
                     }
                 }
-                (latencies, errors)
+                anyhow::Ok((latencies, errors))
             }));
         }
         let mut latencies = Vec::new();
-        let mut errors = 0;
+        let mut errors: BTreeMap<String, usize> = BTreeMap::new();
         for task in tasks {
-            let (l, e) = task.await?;
+            let (l, e) = task.await??;
             latencies.extend(l);
-            errors += e;
+            for error in e {
+                *errors.entry(error).or_default() += 1;
+            }
         }
         let elapsed = started.elapsed().as_secs_f64();
         latencies.sort();
@@ -141,12 +152,69 @@ async fn raft(args: RaftBenchArgs) -> anyhow::Result<()> {
                 .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
         };
         println!(
-            "{clients:>8} {:>12.0} {:>10.2} {:>10.2} {errors:>10}",
+            "{clients:>8} {:>12.0} {:>10.2} {:>10.2} {:>10}",
             latencies.len() as f64 / elapsed,
             pct(0.50),
-            pct(0.99)
+            pct(0.99),
+            errors.values().sum::<usize>()
         );
+        for (error, count) in &errors {
+            println!("         {count} x {error}");
+        }
     }
     super::up::stop_all(&mut processes).await;
     Ok(())
+}
+
+/// One bench client's way of writing: its own `Pipeline` stream, or unary calls.
+enum Writer {
+    Pipeline { requests: mpsc::Sender<PipelineRequest>, replies: tonic::Streaming<PipelineReply>, next_id: u64 },
+    Unary { client: ChatServiceClient<Channel>, token: String },
+}
+
+impl Writer {
+    async fn open(mut client: ChatServiceClient<Channel>, token: String, unary: bool) -> anyhow::Result<Self> {
+        if unary {
+            return Ok(Writer::Unary { client, token });
+        }
+        let (requests, outgoing) = mpsc::channel(16);
+        let replies =
+            client.pipeline(authed(tokio_stream::wrappers::ReceiverStream::new(outgoing), &token)?).await?.into_inner();
+        Ok(Writer::Pipeline { requests, replies, next_id: 0 })
+    }
+
+    /// Join (or leave) `room`; an error comes back as its text.
+    async fn membership(&mut self, room: &str, join: bool) -> Result<(), String> {
+        let request = RoomRequest { room: room.to_owned() };
+        match self {
+            Writer::Unary { client, token } => {
+                let request = authed(request, token).map_err(|e| e.to_string())?;
+                let result = if join { client.join(request).await } else { client.leave(request).await };
+                result.map(|_| ()).map_err(|status| format!("{}: {}", status.code(), status.message()))
+            }
+            Writer::Pipeline { requests, replies, next_id } => {
+                *next_id += 1;
+                let op = if join { pipeline_request::Op::Join(request) } else { pipeline_request::Op::Leave(request) };
+                requests
+                    .send(PipelineRequest { id: *next_id, op: Some(op) })
+                    .await
+                    .map_err(|_| "pipeline closed".to_string())?;
+                loop {
+                    let reply = replies
+                        .message()
+                        .await
+                        .map_err(|status| format!("{}: {}", status.code(), status.message()))?
+                        .ok_or("pipeline ended")?;
+                    if reply.id != *next_id {
+                        continue;
+                    }
+                    return match reply.result {
+                        Some(pipeline_reply::Result::Error(e)) => Err(format!("{}: {}", e.code, e.message)),
+                        Some(_) => Ok(()),
+                        None => Err("empty reply".into()),
+                    };
+                }
+            }
+        }
+    }
 }

@@ -4,6 +4,7 @@ mod harness;
 mod in_process;
 mod messages;
 mod partition;
+mod pipeline;
 
 use harness::{TestCluster, authed, code, login, user, wait_for};
 use palaver_proto::v1::{
