@@ -7,8 +7,9 @@
 //! therefore share one fsync; no append is ever reported durable before it is.
 //!
 //! Votes are fsynced before `save_vote` returns (a vote must survive a crash before it is
-//! sent). The committed log id is written without an fsync: after a crash it may be behind,
-//! which only delays re-applying entries the leader commits again.
+//! sent). The committed log id is written without an fsync, and for data shards only every
+//! [`COMMITTED_SAVE_EVERY_ENTRIES`]: after a restart it may be behind, which only delays
+//! re-applying entries until the leader tells the replica how far the log is committed.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -111,18 +112,26 @@ impl GroupCommit {
     }
 }
 
+/// The committed log id is written when it moved at least this many entries past the last
+/// one written. It is a hint for a restart (apply this much before hearing from a leader), so
+/// a stale one costs nothing but a little re-applying later; writing it on every commit cost
+/// an engine write per commit on every replica.
+pub const COMMITTED_SAVE_EVERY_ENTRIES: u64 = 64;
+
 /// One shard's Raft log and vote.
 #[derive(Debug, Clone)]
 pub struct ShardLogStore {
     shard: ShardId,
     engine: Arc<dyn KvEngine>,
     group_commit: GroupCommit,
+    /// Index of the committed log id last written (shared by clones).
+    committed_saved: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ShardLogStore {
     /// The log of `shard` in `engine`, made durable through `group_commit`.
     pub fn new(shard: ShardId, engine: Arc<dyn KvEngine>, group_commit: GroupCommit) -> Self {
-        Self { shard, engine, group_commit }
+        Self { shard, engine, group_commit, committed_saved: Arc::new(std::sync::atomic::AtomicU64::new(0)) }
     }
 
     fn read_state<T: serde::de::DeserializeOwned>(&self, tag: RaftStateTag) -> Result<Option<T>, StorageError> {
@@ -214,7 +223,17 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), std::io::Error> {
-        Ok(self.write_state(RaftStateTag::Committed, &committed)?)
+        use std::sync::atomic::Ordering;
+        let index = committed.as_ref().map_or(0, |id| id.index());
+        let saved = self.committed_saved.load(Ordering::Relaxed);
+        // The meta group commits rarely and a restarted node needs its registry at once (to
+        // answer status, to route): its committed id is written every time.
+        if self.shard != ShardId::META && saved != 0 && index < saved.saturating_add(COMMITTED_SAVE_EVERY_ENTRIES) {
+            return Ok(());
+        }
+        self.write_state(RaftStateTag::Committed, &committed)?;
+        self.committed_saved.store(index.max(1), Ordering::Relaxed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, std::io::Error> {

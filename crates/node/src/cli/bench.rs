@@ -4,17 +4,19 @@
 //! fsynced on a majority) into a 3-node loopback cluster — started by the bench in a temporary
 //! directory unless `--addr` names a running one — and prints commits/s and latency
 //! percentiles for each concurrency level. Each client is its own user with one write in
-//! flight, sent on its own `ChatService.Pipeline` stream (or as unary calls with `--unary`).
+//! flight, sent on its own `ChatService.Pipeline` stream (or as unary calls with `--unary`),
+//! to one node — or, with `--to-leader`, to whichever node leads the room's shard.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use palaver_proto::v1::admin_service_client::AdminServiceClient;
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::{
-    CreateRoomRequest, LoginRequest, PipelineReply, PipelineRequest, RegisterRequest, RoomRequest, pipeline_reply,
-    pipeline_request,
+    CreateRoomRequest, LoginRequest, PipelineReply, PipelineRequest, RegisterRequest, RoomRequest, StatusRequest,
+    pipeline_reply, pipeline_request,
 };
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
@@ -54,6 +56,11 @@ struct RaftBenchArgs {
     /// One unary call per write instead of each client's `Pipeline` stream.
     #[arg(long)]
     unary: bool,
+    /// Send each write to the node that leads its room's shard (learned once from
+    /// `AdminService.Status`; the room's shard from the hash ring), as a leader-aware client
+    /// library would, instead of to the client's one node (which forwards two writes in three).
+    #[arg(long)]
+    to_leader: bool,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -101,6 +108,8 @@ async fn raft(args: RaftBenchArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("create {room}"))?;
     }
+    // Which node (index into `channels`) leads each room's shard, for --to-leader.
+    let leader_of_room: Vec<usize> = if args.to_leader { leaders_of(&addrs, &rooms).await? } else { Vec::new() };
     println!("{:>8} {:>12} {:>10} {:>10} {:>10}", "clients", "commits/s", "p50 ms", "p99 ms", "errors");
     for &clients in &args.clients {
         // Log every client in first (argon2 is slow on purpose), then start the clock.
@@ -108,21 +117,32 @@ async fn raft(args: RaftBenchArgs) -> anyhow::Result<()> {
         for c in 0..clients {
             let mut client = ChatServiceClient::new(channels[c % channels.len()].clone());
             let token = login(&mut client, &format!("bench-{c}")).await?;
-            clients_ready.push((c, client, token));
+            // One writer per node with --to-leader, else one to this client's node.
+            let mut writers = Vec::new();
+            let targets: Vec<usize> =
+                if args.to_leader { (0..channels.len()).collect() } else { vec![c % channels.len()] };
+            for node in targets {
+                let client = ChatServiceClient::new(channels[node].clone());
+                writers.push(Writer::open(client, token.clone(), args.unary).await?);
+            }
+            clients_ready.push((c, writers));
         }
         let mut tasks = Vec::new();
         let started = Instant::now();
         let deadline = started + Duration::from_secs(args.seconds);
-        for (c, client, token) in clients_ready {
+        for (c, mut writers) in clients_ready {
             let rooms = rooms.clone();
-            let unary = args.unary;
+            let leader_of_room = leader_of_room.clone();
             tasks.push(tokio::spawn(async move {
-                let mut writer = Writer::open(client, token, unary).await?;
                 let mut latencies = Vec::new();
                 let mut errors = Vec::new();
                 let mut i = c;
                 while Instant::now() < deadline {
                     let room = rooms[i % rooms.len()].clone();
+                    let writer = match leader_of_room.get(i % rooms.len()) {
+                        Some(node) => &mut writers[*node],
+                        None => &mut writers[0],
+                    };
                     i += clients.max(1);
                     for join in [true, false] {
                         let started = Instant::now();
@@ -164,6 +184,23 @@ async fn raft(args: RaftBenchArgs) -> anyhow::Result<()> {
     }
     super::up::stop_all(&mut processes).await;
     Ok(())
+}
+
+/// For each room, the index in `addrs` of the node leading its shard.
+async fn leaders_of(addrs: &[String], rooms: &[String]) -> anyhow::Result<Vec<usize>> {
+    let mut admin = AdminServiceClient::connect(format!("http://{}", addrs[0])).await?;
+    let status = admin.status(StatusRequest {}).await?.into_inner();
+    let shard_count = u32::try_from(status.shards.iter().filter(|s| s.shard != 0).count())?;
+    let ring = palaver_router::ShardRing::new(shard_count.max(1));
+    rooms
+        .iter()
+        .map(|room| {
+            let shard = ring.shard_of_room(&palaver_ids::RoomId(room.clone()));
+            let leader = status.shards.iter().find(|s| s.shard == shard.0).map_or(0, |s| s.leader);
+            let addr = status.nodes.iter().find(|n| n.node_id == leader).map(|n| n.grpc_addr.clone());
+            Ok(addr.and_then(|addr| addrs.iter().position(|a| *a == addr)).unwrap_or(0))
+        })
+        .collect()
 }
 
 /// One bench client's way of writing: its own `Pipeline` stream, or unary calls.
