@@ -7,7 +7,7 @@
 //! leader change as an error.
 //!
 //! Execution on the leader ([`execute_local`], [`read_local`]) is the same code whether the
-//! request came from a local client or through `PeerService.Forward`/`Read`.
+//! request came from a local client or as a forward or read call on a peer link.
 
 use std::sync::Arc;
 use std::time::Duration;
