@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::{
-    AckLevel, CreateRoomRequest, EditRequest, HistoryRequest, MessageEventKind, ReactRequest, RoomEvent, RoomRequest,
-    SubscribeRequest, VersionVector, room_event,
+    AckLevel, CreateRoomRequest, EditRequest, HistoryRequest, MessageEventKind, MessageRequest, ReactRequest,
+    RoomEvent, RoomRequest, SubscribeRequest, VersionVector, room_event,
 };
 use tonic::transport::Channel;
 
@@ -283,4 +283,95 @@ async fn typing_presence_and_read_markers_reach_subscribers_on_other_nodes() {
             seen_marker |= state.read_markers.contains_key("mia");
         }
     }
+}
+
+/// The messages of `room` as node `i` shows them to `token`'s user, oldest first.
+async fn messages_on(
+    cluster: &TestCluster,
+    i: usize,
+    token: &str,
+    room: &str,
+) -> Result<Vec<palaver_proto::v1::Message>, tonic::Status> {
+    let request = HistoryRequest { room: room.into(), limit: 500, oldest_first: true, ..Default::default() };
+    Ok(cluster.chat(i).history(authed(request, token)).await?.into_inner().messages)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redactions_and_taken_back_reactions_reach_every_replica_and_a_kicked_subscriber_is_ended() {
+    let cluster = TestCluster::start(3, 2, &[]).await;
+    let ada = room_with(&cluster, "mod").await;
+    let mut bo_client = cluster.chat(1);
+    let bo = user(&mut bo_client, "bo").await;
+    bo_client.join(authed(RoomRequest { room: "mod".into() }, &bo)).await.expect("bo joins");
+    let spam = post(&mut bo_client, &bo, "mod", "buy now", AckLevel::Quorum).await.expect("post");
+    let kept = post(&mut bo_client, &bo, "mod", "hello", AckLevel::Quorum).await.expect("post");
+    let react = |message_id: &str, remove: bool| ReactRequest {
+        room: "mod".into(),
+        message_id: message_id.into(),
+        reaction: "+1".into(),
+        remove,
+        ack: AckLevel::Quorum as i32,
+    };
+    bo_client.react(authed(react(&kept, false), &bo)).await.expect("react");
+    bo_client.react(authed(react(&spam, false), &bo)).await.expect("react");
+    bo_client.react(authed(react(&spam, true), &bo)).await.expect("take the reaction back");
+    // A member may not redact another's message; the owner may.
+    let mut ada_client = cluster.chat(2);
+    let redact = MessageRequest { room: "mod".into(), message_id: kept.clone(), ack: AckLevel::Quorum as i32 };
+    let mut cy_client = cluster.chat(0);
+    let cy = user(&mut cy_client, "cy").await;
+    cy_client.join(authed(RoomRequest { room: "mod".into() }, &cy)).await.expect("cy joins");
+    let refused = cy_client.redact(authed(redact, &cy)).await.expect_err("not cy's message, cy has no rank");
+    assert_eq!(code(&refused), "permission_denied", "{refused:?}");
+    let redact = MessageRequest { room: "mod".into(), message_id: spam.clone(), ack: AckLevel::Quorum as i32 };
+    ada_client.redact(authed(redact, &ada)).await.expect("the owner redacts");
+
+    // Every replica converges on: the spam redacted (skeleton kept, body gone, no reactions),
+    // the other message intact with bo's reaction.
+    for i in 0..3 {
+        wait_for("the replica to show the redaction and the reactions", || async {
+            let messages = messages_on(&cluster, i, &ada, "mod").await.ok()?;
+            let [first, second] = messages.as_slice() else { return None };
+            let done = first.message_id == spam
+                && first.redacted
+                && first.body.is_empty()
+                && first.reactions.is_empty()
+                && second.message_id == kept
+                && !second.redacted
+                && second.body == "hello"
+                && second.reactions.len() == 1
+                && second.reactions[0].users == vec!["bo".to_string()];
+            done.then_some(())
+        })
+        .await;
+    }
+
+    // Bo subscribes; when ada kicks bo, bo's stream shows the kick and then ends `not_member`.
+    let mut stream = bo_client
+        .subscribe(authed(SubscribeRequest { room: "mod".into(), ..Default::default() }, &bo))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut dots = BTreeSet::new();
+    let mut version_vector = BTreeMap::new();
+    read_until_caught_up(&mut stream, &mut dots, &mut version_vector).await;
+    ada_client
+        .kick(authed(palaver_proto::v1::TargetRequest { room: "mod".into(), user: "bo".into() }, &ada))
+        .await
+        .expect("kick");
+    let mut saw_kick = false;
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(RoomEvent { event: Some(room_event::Event::Membership(m)), .. })) => {
+                saw_kick |= m.user == "bo" && m.change == "kicked" && m.actor == "ada";
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without saying why"),
+            Err(status) => break status,
+        }
+    };
+    assert!(saw_kick, "the kick is the last event bo sees");
+    assert_eq!(code(&end), "not_member", "{end:?}");
+    let refused = messages_on(&cluster, 1, &bo, "mod").await.expect_err("bo can no longer read");
+    assert_eq!(code(&refused), "not_member", "{refused:?}");
 }
