@@ -64,6 +64,16 @@ pub fn ack_to_pb(ack: AckLevel) -> i32 {
     }
 }
 
+/// A role from protobuf.
+pub fn role_from_pb(role: i32) -> Result<Role, ApiError> {
+    match pb::Role::try_from(role) {
+        Ok(pb::Role::Member) => Ok(Role::Member),
+        Ok(pb::Role::Admin) => Ok(Role::Admin),
+        Ok(pb::Role::Owner) => Ok(Role::Owner),
+        _ => Err(ApiError::invalid("role", "must be ROLE_MEMBER, ROLE_ADMIN or ROLE_OWNER")),
+    }
+}
+
 /// A presence status from protobuf.
 pub fn presence_from_pb(status: i32) -> Result<PresenceStatus, ApiError> {
     match pb::PresenceStatus::try_from(status) {

@@ -5,7 +5,6 @@
 
 use palaver_ids::UserName;
 use palaver_proto::v1 as pb;
-use palaver_shard::Role;
 
 use crate::convert;
 use crate::error::ApiError;
@@ -13,22 +12,13 @@ use crate::messaging::{SideWrite, WriteAck};
 use crate::ops::{Ops, TargetAction};
 use crate::routing::Committed;
 
-fn ack(ops: &Ops, room: &str, done: Committed) -> pb::Ack {
+/// The answer to a committed membership or room change of `room`.
+pub fn ack(ops: &Ops, room: &str, done: Committed) -> pb::Ack {
     pb::Ack { shard: ops.shard_of_room_name(room).0, log_index: done.log_index }
 }
 
 fn event_ack(done: &WriteAck) -> pb::EventAck {
     pb::EventAck { position: Some(convert::position_to_pb(done.written.position)), ack: convert::ack_to_pb(done.ack) }
-}
-
-/// A role as the API spells it.
-pub fn role_from_pb(role: i32) -> Result<Role, ApiError> {
-    match pb::Role::try_from(role) {
-        Ok(pb::Role::Member) => Ok(Role::Member),
-        Ok(pb::Role::Admin) => Ok(Role::Admin),
-        Ok(pb::Role::Owner) => Ok(Role::Owner),
-        _ => Err(ApiError::invalid("role", "must be ROLE_MEMBER, ROLE_ADMIN or ROLE_OWNER")),
-    }
 }
 
 /// Join a room.
@@ -62,7 +52,7 @@ pub async fn ban(ops: &Ops, user: &UserName, request: pb::BanRequest) -> Result<
 
 /// Change another member's role.
 pub async fn set_role(ops: &Ops, user: &UserName, request: pb::SetRoleRequest) -> Result<pb::Ack, ApiError> {
-    let role = role_from_pb(request.role)?;
+    let role = convert::role_from_pb(request.role)?;
     let done = ops.set_role(user, &request.room, &request.user, role).await?;
     Ok(ack(ops, &request.room, done))
 }

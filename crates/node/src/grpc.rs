@@ -29,7 +29,7 @@ use crate::error::ApiError;
 use crate::limits::{CLIENT_MESSAGE_BYTES_MAX, PEER_MESSAGE_BYTES_MAX};
 use crate::node::NodeInner;
 use crate::ops::{Ops, TargetAction};
-use crate::peer::{LINK_CALLS_IN_FLIGHT_MAX, LINK_CALLS_PER_FRAME_MAX};
+use crate::peer::{LINK_CALLS_IN_FLIGHT_MAX, LINK_CALLS_PER_FRAME_MAX, next_batch};
 use crate::routing::{self, LocalError};
 
 /// Most requests of one `Pipeline` stream running at once; past that the stream is not read.
@@ -136,10 +136,6 @@ impl ChatApi {
     fn user<T>(&self, request: &Request<T>) -> Result<palaver_ids::UserName, Status> {
         Ok(self.ops.authenticate(bearer(request))?)
     }
-
-    fn shard_of(&self, room: &str) -> ShardId {
-        self.ops.shard_of_room_name(room)
-    }
 }
 
 #[tonic::async_trait]
@@ -200,7 +196,7 @@ impl ChatService for ChatApi {
         let user = self.user(&request)?;
         let room = request.into_inner().room;
         let done = self.ops.delete_room(&user, &room).await?;
-        Ok(Response::new(pb::Ack { shard: self.shard_of(&room).0, log_index: done.log_index }))
+        Ok(Response::new(dispatch::ack(&self.ops, &room, done)))
     }
 
     async fn update_room(&self, request: Request<pb::UpdateRoomRequest>) -> Result<Response<pb::Room>, Status> {
@@ -347,11 +343,8 @@ impl ChatService for ChatApi {
                 });
             }
         });
-        let mut stopped = self.stopped.clone();
-        let replies = tokio_stream::wrappers::ReceiverStream::new(outgoing).take_until(async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        });
-        Ok(Response::new(Box::pin(replies)))
+        let replies = tokio_stream::wrappers::ReceiverStream::new(outgoing);
+        Ok(Response::new(Box::pin(until_stopped(replies, self.stopped.clone()))))
     }
 
     async fn typing(&self, request: Request<pb::TypingRequest>) -> Result<Response<pb::EventAck>, Status> {
@@ -470,8 +463,18 @@ fn local_status(node: &NodeInner) -> pb::LocalStatusReply {
     pb::LocalStatusReply { node_id: node.id.0, shards }
 }
 
-/// A Raft message waiting for its group's turn on a link: call id, message, in-flight permit.
-type GroupCall = (u64, pb::RaftMessage, OwnedSemaphorePermit);
+/// A Raft message waiting for its group's turn on a link, with its in-flight permit.
+type GroupCall = (pb::LinkCall, OwnedSemaphorePermit);
+
+/// `stream`, ended as soon as the node stops, so that graceful shutdown does not wait on it.
+fn until_stopped<S: futures::Stream>(
+    stream: S,
+    mut stopped: watch::Receiver<bool>,
+) -> impl futures::Stream<Item = S::Item> {
+    stream.take_until(async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    })
+}
 
 /// `palaver.v1.PeerService`.
 #[derive(Debug, Clone)]
@@ -492,6 +495,18 @@ impl PeerApi {
         }
         // A leader is adding this node to the shard before our own reconcile started it.
         self.node.replicas.ensure(shard).await.map_err(|e| e.to_string())
+    }
+
+    /// Answer `call` on `answers`, then give its in-flight permit back.
+    async fn answer_to(
+        &self,
+        call: pb::LinkCall,
+        answers: &mpsc::Sender<pb::LinkAnswer>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let body = self.answer(call.body).await;
+        let _ = answers.send(pb::LinkAnswer { id: call.id, body: Some(body) }).await;
+        drop(permit);
     }
 
     /// Answer one call of a link; failures become the error answer, timeouts included.
@@ -629,47 +644,29 @@ impl PeerService for PeerApi {
                 let Ok(Some(frame)) = frame else { return };
                 for call in frame.calls {
                     let Ok(permit) = limit.clone().acquire_owned().await else { return };
-                    if let Some(pb::link_call::Body::Raft(message)) = call.body {
-                        let group = groups.entry(message.shard).or_insert_with(|| {
-                            let (queue, mut next) = mpsc::unbounded_channel();
-                            let (api, answers) = (api.clone(), answers.clone());
-                            tokio::spawn(async move {
-                                while let Some((id, message, permit)) = next.recv().await {
-                                    let body = api.answer(Some(pb::link_call::Body::Raft(message))).await;
-                                    let _ = answers.send(pb::LinkAnswer { id, body: Some(body) }).await;
-                                    drop(permit);
-                                }
-                            });
-                            queue
-                        });
-                        let _ = group.send((call.id, message, permit));
-                        continue;
-                    }
                     let (api, answers) = (api.clone(), answers.clone());
-                    tokio::spawn(async move {
-                        let body = api.answer(call.body).await;
-                        let _ = answers.send(pb::LinkAnswer { id: call.id, body: Some(body) }).await;
-                        drop(permit);
+                    let Some(pb::link_call::Body::Raft(message)) = &call.body else {
+                        tokio::spawn(async move { api.answer_to(call, &answers, permit).await });
+                        continue;
+                    };
+                    let group = groups.entry(message.shard).or_insert_with(|| {
+                        let (queue, mut next) = mpsc::unbounded_channel::<GroupCall>();
+                        tokio::spawn(async move {
+                            while let Some((call, permit)) = next.recv().await {
+                                api.answer_to(call, &answers, permit).await;
+                            }
+                        });
+                        queue
                     });
+                    let _ = group.send((call, permit));
                 }
             }
         });
         let frames = futures::stream::unfold(outgoing, |mut outgoing| async move {
-            let first = outgoing.recv().await?;
-            let mut answers = vec![first];
-            while answers.len() < LINK_CALLS_PER_FRAME_MAX {
-                match outgoing.try_recv() {
-                    Ok(next) => answers.push(next),
-                    Err(_) => break,
-                }
-            }
+            let answers = next_batch(&mut outgoing, LINK_CALLS_PER_FRAME_MAX).await?;
             Some((Ok(pb::LinkAnswers { answers }), outgoing))
         });
-        let mut stopped = self.stopped.clone();
-        let frames = frames.take_until(async move {
-            let _ = stopped.wait_for(|stop| *stop).await;
-        });
-        Ok(Response::new(Box::pin(frames)))
+        Ok(Response::new(Box::pin(until_stopped(frames, self.stopped.clone()))))
     }
 
     async fn install_snapshot(&self, request: Request<pb::SnapshotRequest>) -> Result<Response<pb::RaftReply>, Status> {

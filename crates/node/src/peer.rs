@@ -221,8 +221,10 @@ impl Session {
         Ok(Self { frames, waiting, ended })
     }
 
+    /// Whether the session is done: its waiting calls were failed (the reader does that first
+    /// when the stream ends, and so does a stalled send).
     fn is_closed(&self) -> bool {
-        *self.ended.borrow() || self.waiting.lock().unwrap_or_else(|p| p.into_inner()).calls.is_none()
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).calls.is_none()
     }
 
     /// Queue `frame` for the stream. `false` if the stream ended, or could not take the frame
@@ -270,20 +272,26 @@ fn deliver(waiting: &Mutex<Waiting>, answers: Vec<LinkAnswer>, addr: &str) {
     }
 }
 
+/// The next batch from `queue`: waits for one item, then takes whatever else is already
+/// queued, up to `max`. `None` once every sender is gone.
+pub(crate) async fn next_batch<T>(queue: &mut mpsc::Receiver<T>, max: usize) -> Option<Vec<T>> {
+    let mut batch = vec![queue.recv().await?];
+    while batch.len() < max {
+        match queue.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
 /// Drains the queue into frames on the link's stream until every sender is gone.
 async fn run_link(addr: String, client: PeerServiceClient<Channel>, from: u64, mut queue: mpsc::Receiver<Pending>) {
     let in_flight = Arc::new(Semaphore::new(LINK_CALLS_IN_FLIGHT_MAX));
     let mut session: Option<Session> = None;
     let mut next_id = 0u64;
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < LINK_CALLS_PER_FRAME_MAX {
-            match queue.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let Ok(permits) = in_flight.clone().acquire_many_owned(batch.len() as u32).await else { break };
+    while let Some(batch) = next_batch(&mut queue, LINK_CALLS_PER_FRAME_MAX).await {
+        let Ok(mut permits) = in_flight.clone().acquire_many_owned(batch.len() as u32).await else { break };
         if session.as_ref().is_none_or(Session::is_closed) {
             session = match Session::open(&addr, &client).await {
                 Ok(opened) => Some(opened),
@@ -296,7 +304,6 @@ async fn run_link(addr: String, client: PeerServiceClient<Channel>, from: u64, m
             };
         }
         let Some(open) = session.as_ref() else { continue };
-        let mut permits = permits;
         let mut calls = Vec::with_capacity(batch.len());
         {
             let mut waiting = open.waiting.lock().unwrap_or_else(|p| p.into_inner());
