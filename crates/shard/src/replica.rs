@@ -18,6 +18,9 @@ use crate::types::{Raft, SnapshotData, TypeConfig};
 pub const HEARTBEAT_INTERVAL_MS: u64 = 100;
 /// Shortest election timeout.
 pub const ELECTION_TIMEOUT_MS_MIN: u64 = 300;
+/// A heartbeat to a follower that acknowledged a replication request sent this recently is
+/// skipped: under writes the appends already prove the leader alive and renew its lease.
+pub const HEARTBEAT_SUPPRESS_MS: u64 = 100;
 /// Longest election timeout.
 pub const ELECTION_TIMEOUT_MS_MAX: u64 = 600;
 /// Build a snapshot after this many applied entries by default.
@@ -28,6 +31,12 @@ pub const APPEND_ENTRIES_MAX: u64 = 512;
 const _: () = assert!(
     HEARTBEAT_INTERVAL_MS * 2 < ELECTION_TIMEOUT_MS_MIN,
     "a follower must see two heartbeats per election timeout"
+);
+// openraft ticks every heartbeat_interval * 13 / 64 ms; a suppressed heartbeat goes out at the
+// first tick after its deadline, which must come before any follower's election timeout.
+const _: () = assert!(
+    HEARTBEAT_INTERVAL_MS + HEARTBEAT_SUPPRESS_MS + HEARTBEAT_INTERVAL_MS * 13 / 64 < ELECTION_TIMEOUT_MS_MIN,
+    "heartbeat suppression must not let a follower time out"
 );
 const _: () = assert!(ELECTION_TIMEOUT_MS_MIN < ELECTION_TIMEOUT_MS_MAX, "election timeouts need a random spread");
 
@@ -49,6 +58,7 @@ pub fn raft_config(options: ReplicaOptions) -> Result<Arc<Config>, String> {
     let config = Config {
         cluster_name: "palaver".to_string(),
         heartbeat_interval: HEARTBEAT_INTERVAL_MS,
+        heartbeat_min_interval: Some(HEARTBEAT_SUPPRESS_MS),
         election_timeout_min: ELECTION_TIMEOUT_MS_MIN,
         election_timeout_max: ELECTION_TIMEOUT_MS_MAX,
         enable_pre_vote: Some(true),
