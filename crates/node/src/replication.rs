@@ -274,12 +274,12 @@ pub async fn handle(store: &CrdtStore, from: NodeId, message: CrdtMessage, now_m
     let peer = ReplicaId(from.0);
     match message {
         CrdtMessage::Push(pushes) => {
-            let mut copies = Vec::with_capacity(pushes.len());
-            for push in pushes {
-                let copy =
-                    store.apply_remote(&push.room, push.events, push.side, now_ms).await.map_err(|e| e.to_string())?;
-                store.record_peer(peer, &push.room, &push.sender.version_vector, Some(push.sender.side_digest));
-                copies.push(copy);
+            let senders: Vec<(RoomId, RoomSummary)> =
+                pushes.iter().map(|p| (p.room.clone(), p.sender.clone())).collect();
+            let rooms = pushes.into_iter().map(|push| (push.room, push.events, push.side)).collect();
+            let copies = store.apply_remote_rooms(rooms, now_ms).await.map_err(|e| e.to_string())?;
+            for (room, sender) in senders {
+                store.record_peer(peer, &room, &sender.version_vector, Some(sender.side_digest));
             }
             Ok(CrdtAnswer::Pushed(copies))
         }

@@ -429,68 +429,102 @@ impl CrdtStore {
         side: Option<SideState>,
         now_ms: u64,
     ) -> Result<RoomSummary, StoreError> {
-        let cell = self.room(room).await?;
-        let mut wrote = false;
-        let (version_vector, side_changed) = {
-            let mut state = cell.lock();
-            let mut batch = WriteBatch::new();
-            for event in events {
-                if state.log.version_vector().contains(event.dot) {
-                    continue;
-                }
-                {
-                    // A peer's stamp moves this node's clock forward; one too far ahead is
-                    // applied all the same (refusing it would stop convergence) but not observed.
-                    let mut clock = lock(&self.inner.clock);
-                    if let Err(e) = clock.observe(event.hlc, now_ms) {
-                        tracing::warn!(shard = %self.inner.shard, %room, error = %e, "peer event stamped ahead");
-                    }
-                }
-                let key = keys::room_event_key(self.inner.shard, room, event.position());
-                let value = keys::encode(&event)?;
-                match state.log.apply_event(event) {
-                    Ok(Applied::New) => {
-                        batch.put(Cf::RoomEvents, key, value);
-                        wrote = true;
-                    }
-                    Ok(Applied::Duplicate) => {}
-                    Err(CrdtError::Gap { .. }) => break,
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            let side_changed = match side {
-                Some(side) => merge_side(&mut state.side, &side),
-                None => false,
-            };
-            if side_changed {
-                batch.put(
-                    Cf::RoomState,
-                    keys::room_state_key(self.inner.shard, room, RoomStateTag::ReadMarkers),
-                    keys::encode(&state.side.markers)?,
-                );
-                wrote = true;
-            }
-            let version_vector = state.log.version_vector().clone();
-            if wrote {
-                batch.put(
-                    Cf::RoomState,
-                    keys::room_state_key(self.inner.shard, room, RoomStateTag::VersionVector),
-                    keys::encode(&version_vector)?,
-                );
-                self.inner.engine.write(batch)?;
-            }
-            let side_changed = if side_changed { Some(Arc::new(state.side.clone())) } else { None };
-            (version_vector, side_changed)
-        };
-        if wrote {
+        let mut copies = self.apply_remote_rooms(vec![(room.clone(), events, side)], now_ms).await?;
+        copies.pop().ok_or_else(|| StoreError::Storage(StorageError::io("no copy of the pushed room")))
+    }
+
+    /// [`CrdtStore::apply_remote`] for many rooms at once, with one fsync for all of them.
+    pub async fn apply_remote_rooms(
+        &self,
+        rooms: Vec<(RoomId, Vec<Event>, Option<SideState>)>,
+        now_ms: u64,
+    ) -> Result<Vec<RoomSummary>, StoreError> {
+        let mut applied = Vec::with_capacity(rooms.len());
+        let mut wrote_any = false;
+        for (room, events, side) in rooms {
+            let cell = self.room(&room).await?;
+            let (version_vector, side_changed, wrote) =
+                self.apply_remote_unsynced(&room, &cell, events, side, now_ms)?;
+            wrote_any |= wrote;
+            applied.push((room, cell, version_vector, side_changed));
+        }
+        if wrote_any {
             self.inner.group_commit.sync().await?;
         }
-        self.mark_durable(room, &cell, &version_vector)?;
-        if let Some(side) = side_changed {
-            self.side_changed(room, &cell, side)?;
+        let mut copies = Vec::with_capacity(applied.len());
+        for (room, cell, version_vector, side_changed) in applied {
+            self.mark_durable(&room, &cell, &version_vector)?;
+            if let Some(side) = side_changed {
+                self.side_changed(&room, &cell, side)?;
+            }
+            let side_digest = lock(&self.inner.index).get(&room).map_or([0; 32], |(_, digest)| *digest);
+            copies.push(RoomSummary { room, version_vector: cell.durable(), side_digest });
         }
-        let side_digest = lock(&self.inner.index).get(room).map_or([0; 32], |(_, digest)| *digest);
-        Ok(RoomSummary { room: room.clone(), version_vector: cell.durable(), side_digest })
+        Ok(copies)
+    }
+
+    /// Under the room's lock: apply and write (not yet fsynced) a peer's events and side state.
+    /// Returns the room's version vector after them, its side state if that changed, and
+    /// whether anything was written.
+    #[allow(clippy::type_complexity)]
+    fn apply_remote_unsynced(
+        &self,
+        room: &RoomId,
+        cell: &RoomCell,
+        events: Vec<Event>,
+        side: Option<SideState>,
+        now_ms: u64,
+    ) -> Result<(VersionVector, Option<Arc<SideState>>, bool), StoreError> {
+        let mut wrote = false;
+        let mut state = cell.lock();
+        let mut batch = WriteBatch::new();
+        for event in events {
+            if state.log.version_vector().contains(event.dot) {
+                continue;
+            }
+            {
+                // A peer's stamp moves this node's clock forward; one too far ahead is
+                // applied all the same (refusing it would stop convergence) but not observed.
+                let mut clock = lock(&self.inner.clock);
+                if let Err(e) = clock.observe(event.hlc, now_ms) {
+                    tracing::warn!(shard = %self.inner.shard, %room, error = %e, "peer event stamped ahead");
+                }
+            }
+            let key = keys::room_event_key(self.inner.shard, room, event.position());
+            let value = keys::encode(&event)?;
+            match state.log.apply_event(event) {
+                Ok(Applied::New) => {
+                    batch.put(Cf::RoomEvents, key, value);
+                    wrote = true;
+                }
+                Ok(Applied::Duplicate) => {}
+                Err(CrdtError::Gap { .. }) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let side_changed = match side {
+            Some(side) => merge_side(&mut state.side, &side),
+            None => false,
+        };
+        if side_changed {
+            batch.put(
+                Cf::RoomState,
+                keys::room_state_key(self.inner.shard, room, RoomStateTag::ReadMarkers),
+                keys::encode(&state.side.markers)?,
+            );
+            wrote = true;
+        }
+        let version_vector = state.log.version_vector().clone();
+        if wrote {
+            batch.put(
+                Cf::RoomState,
+                keys::room_state_key(self.inner.shard, room, RoomStateTag::VersionVector),
+                keys::encode(&version_vector)?,
+            );
+            self.inner.engine.write(batch)?;
+        }
+        let side_changed = if side_changed { Some(Arc::new(state.side.clone())) } else { None };
+        Ok((version_vector, side_changed, wrote))
     }
 
     /// Change the room's side state with `change` (a local presence, typing or read-marker

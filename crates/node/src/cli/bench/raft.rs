@@ -1,52 +1,34 @@
-//! `palaver bench`: load generators.
-//!
-//! `palaver bench raft` drives consensus writes (room joins and leaves, each one Raft commit
-//! fsynced on a majority) into a 3-node loopback cluster — started by the bench in a temporary
-//! directory unless `--addr` names a running one — and prints commits/s and latency
-//! percentiles for each concurrency level. Each client is its own user with one write in
-//! flight, sent on its own `ChatService.Pipeline` stream (or as unary calls with `--unary`),
-//! to one node — or, with `--to-leader`, to whichever node leads the room's shard.
+//! `palaver bench raft`: consensus writes (room joins and leaves, each one Raft commit fsynced on
+//! a majority) and commits/s and latency percentiles for each concurrency level. Each client is
+//! its own user with one write in flight, sent on its own `ChatService.Pipeline` stream (or as
+//! unary calls with `--unary`), to one node — or, with `--to-leader`, to whichever node leads
+//! the room's shard.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::{Args, Subcommand};
+use clap::Args;
 use palaver_proto::v1::admin_service_client::AdminServiceClient;
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::{
-    CreateRoomRequest, LoginRequest, PipelineReply, PipelineRequest, RegisterRequest, RoomRequest, StatusRequest,
-    pipeline_reply, pipeline_request,
+    CreateRoomRequest, PipelineReply, PipelineRequest, RoomRequest, StatusRequest, pipeline_reply, pipeline_request,
 };
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    command: BenchCommand,
-}
-
-#[derive(Debug, Subcommand)]
-enum BenchCommand {
-    /// Consensus writes: membership changes through the shards' Raft groups.
-    Raft(RaftBenchArgs),
-}
+use super::{Cluster, ClusterArgs, authed, login, quantile_ms};
 
 #[derive(Debug, Args)]
-struct RaftBenchArgs {
-    /// Use the running cluster of the node at this address instead of starting one.
-    #[arg(long)]
-    addr: Vec<String>,
+pub struct RaftBenchArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Concurrent clients, one run per value.
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     clients: Vec<usize>,
     /// Seconds per run.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Data shards of the cluster the bench starts.
-    #[arg(long, default_value_t = 64)]
-    shards: u32,
     /// Rooms written to (spread over the shards).
     #[arg(long, default_value_t = 256)]
     rooms: usize,
@@ -63,41 +45,10 @@ struct RaftBenchArgs {
     to_leader: bool,
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    match args.command {
-        BenchCommand::Raft(args) => raft(args).await,
-    }
-}
-
-fn authed<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
-    Ok(request)
-}
-
-async fn login(client: &mut ChatServiceClient<Channel>, user: &str) -> anyhow::Result<String> {
-    let password = "bench-password".to_string();
-    let _ = client.register(RegisterRequest { user: user.into(), password: password.clone() }).await;
-    Ok(client.login(LoginRequest { user: user.into(), password }).await?.into_inner().token)
-}
-
-async fn raft(args: RaftBenchArgs) -> anyhow::Result<()> {
-    let temp;
-    let mut processes = Vec::new();
-    let addrs = if args.addr.is_empty() {
-        temp = tempfile::tempdir()?;
-        println!("starting a 3-node cluster ({} shards, fsync on) in {}", args.shards, temp.path().display());
-        processes = super::up::start_cluster(temp.path(), 3, args.shards, args.base_port, true).await?;
-        let addrs: Vec<String> = processes.iter().map(|p| p.addr.clone()).collect();
-        super::up::wait_ready(&addrs[0], 3, true).await?;
-        addrs
-    } else {
-        args.addr.clone()
-    };
-    let channels: Vec<Channel> = addrs
-        .iter()
-        .map(|a| Channel::from_shared(format!("http://{a}")).map(|e| e.connect_lazy()))
-        .collect::<Result<_, _>>()?;
+pub async fn run(args: RaftBenchArgs) -> anyhow::Result<()> {
+    let cluster = Cluster::open(&args.cluster, args.base_port).await?;
+    let addrs = cluster.addrs.clone();
+    let channels = cluster.channels()?;
     let mut setup = ChatServiceClient::new(channels[0].clone());
     let owner = login(&mut setup, "bench-owner").await?;
     let run_id = std::process::id();
@@ -166,23 +117,18 @@ async fn raft(args: RaftBenchArgs) -> anyhow::Result<()> {
         }
         let elapsed = started.elapsed().as_secs_f64();
         latencies.sort();
-        let pct = |p: f64| {
-            latencies
-                .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-        };
         println!(
             "{clients:>8} {:>12.0} {:>10.2} {:>10.2} {:>10}",
             latencies.len() as f64 / elapsed,
-            pct(0.50),
-            pct(0.99),
+            quantile_ms(&latencies, 0.50),
+            quantile_ms(&latencies, 0.99),
             errors.values().sum::<usize>()
         );
         for (error, count) in &errors {
             println!("         {count} x {error}");
         }
     }
-    super::up::stop_all(&mut processes).await;
+    cluster.stop().await;
     Ok(())
 }
 

@@ -1,0 +1,105 @@
+//! `palaver bench`: load generators against a 3-node loopback cluster, which the bench starts
+//! in a temporary directory (fsync on) unless `--addr` names the nodes of a running one.
+//!
+//! - `raft`: consensus writes (room joins and leaves), commits/s and latency.
+//! - `posts`: CRDT-plane posts into many rooms while subscribers receive: posts/s, ack latency,
+//!   delivery latency, and every acknowledged post checked off at every subscriber.
+
+mod posts;
+mod raft;
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use palaver_proto::v1::chat_service_client::ChatServiceClient;
+use palaver_proto::v1::{LoginRequest, RegisterRequest};
+use tonic::transport::Channel;
+
+use super::up::{self, NodeProcess};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: BenchCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Consensus writes: membership changes through the shards' Raft groups.
+    Raft(raft::RaftBenchArgs),
+    /// CRDT writes: posts into many rooms, acknowledged at quorum, while subscribers receive.
+    Posts(posts::PostsBenchArgs),
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.command {
+        BenchCommand::Raft(args) => raft::run(args).await,
+        BenchCommand::Posts(args) => posts::run(args).await,
+    }
+}
+
+/// Which cluster a bench drives.
+#[derive(Debug, Args)]
+struct ClusterArgs {
+    /// Use the running cluster of the node at this address (repeat for each node) instead of
+    /// starting one.
+    #[arg(long)]
+    addr: Vec<String>,
+    /// Data shards of the cluster the bench starts.
+    #[arg(long, default_value_t = 64)]
+    shards: u32,
+}
+
+/// The cluster under test: its nodes' addresses, and the processes if the bench started them.
+struct Cluster {
+    addrs: Vec<String>,
+    processes: Vec<NodeProcess>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Cluster {
+    /// The running cluster named by `--addr`, or a fresh 3-node one on ports from `base_port`.
+    async fn open(args: &ClusterArgs, base_port: u16) -> anyhow::Result<Self> {
+        if !args.addr.is_empty() {
+            return Ok(Self { addrs: args.addr.clone(), processes: Vec::new(), _dir: None });
+        }
+        let dir = tempfile::tempdir()?;
+        println!("starting a 3-node cluster ({} shards, fsync on) in {}", args.shards, dir.path().display());
+        let processes = up::start_cluster(dir.path(), 3, args.shards, base_port, true).await?;
+        let addrs: Vec<String> = processes.iter().map(|p| p.addr.clone()).collect();
+        up::wait_ready(&addrs[0], 3, true).await?;
+        Ok(Self { addrs, processes, _dir: Some(dir) })
+    }
+
+    /// A lazily connected channel to each node.
+    fn channels(&self) -> anyhow::Result<Vec<Channel>> {
+        Ok(self
+            .addrs
+            .iter()
+            .map(|a| Channel::from_shared(format!("http://{a}")).map(|e| e.connect_lazy()))
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn stop(mut self) {
+        up::stop_all(&mut self.processes).await;
+    }
+}
+
+fn authed<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
+}
+
+/// Register `user` (if new) and log in: its token.
+async fn login(client: &mut ChatServiceClient<Channel>, user: &str) -> anyhow::Result<String> {
+    let password = "bench-password".to_string();
+    let _ = client.register(RegisterRequest { user: user.into(), password: password.clone() }).await;
+    Ok(client.login(LoginRequest { user: user.into(), password }).await?.into_inner().token)
+}
+
+/// The `p` quantile (0..=1) of sorted durations, in milliseconds.
+fn quantile_ms(sorted: &[Duration], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}

@@ -1,0 +1,509 @@
+//! `palaver bench posts`: the CRDT plane under load.
+//!
+//! Many users post into many rooms with ack `quorum` (fsynced on two replicas before the
+//! answer) while subscribers receive every room, and the bench prints posts/s, ack latency,
+//! delivery latency (post sent to event received, every subscriber) and what never arrived.
+//!
+//! - Each posting user posts into one room, on its own `Pipeline` stream to one node, and
+//!   paces itself under the node's per-user write limit; `--in-flight` writers (one post in
+//!   flight each) share the users round-robin. With `--rate` the writers post on a schedule
+//!   instead of as fast as they can.
+//! - Each subscriber is one user, a member of every room, with one `Subscribe` stream per room
+//!   on one node (subscribers are spread over the nodes), resumed from its version vector if a
+//!   stream breaks.
+//! - A body carries its run, send time, user and sequence number, so each delivery is timed and
+//!   checked off. After a run the bench waits (up to [`DRAIN_DEADLINE_MS`]) until every
+//!   subscriber holds every acknowledged post; what is still absent is reported as missing.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use palaver_proto::v1::chat_service_client::ChatServiceClient;
+use palaver_proto::v1::{
+    AckLevel, CreateRoomRequest, MessageEventKind, PipelineReply, PipelineRequest, PostRequest, RoomRequest,
+    SubscribeRequest, VersionVector, pipeline_reply, pipeline_request, room_event,
+};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+use super::{Cluster, ClusterArgs, authed, login, quantile_ms};
+
+/// Most gRPC streams the bench opens on one connection (servers cap concurrent streams).
+pub const STREAMS_PER_CONNECTION_MAX: usize = 100;
+/// Each posting user posts at most this often (the node allows 20 writes/s per user).
+pub const USER_POST_INTERVAL_MS: u64 = 53;
+/// How long after a run the bench waits for subscribers to receive every acknowledged post.
+pub const DRAIN_DEADLINE_MS: u64 = 30_000;
+/// Most logins and joins in flight during setup.
+pub const SETUP_IN_FLIGHT_MAX: usize = 32;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Ack {
+    /// Durable on two of the shard's three replicas.
+    Quorum,
+    /// Durable on the accepting replica.
+    One,
+}
+
+#[derive(Debug, Args)]
+pub struct PostsBenchArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Posts in flight (writers with one post in flight each), one run per value.
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    in_flight: Vec<usize>,
+    /// Post at this many posts/s in total instead of as fast as the writers can.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Rooms posted to (spread over the shards).
+    #[arg(long, default_value_t = 256)]
+    rooms: usize,
+    /// Posting users; each posts into one room, at most every 53 ms.
+    #[arg(long, default_value_t = 2048)]
+    users: usize,
+    /// Subscribers, each subscribed to every room.
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
+    /// Acknowledgement level of each post.
+    #[arg(long, value_enum, default_value_t = Ack::Quorum)]
+    ack: Ack,
+    /// Bytes per message body.
+    #[arg(long, default_value_t = 200)]
+    body_bytes: usize,
+    /// First gRPC port of the cluster the bench starts.
+    #[arg(long, default_value_t = 7401)]
+    base_port: u16,
+}
+
+/// Channels to the nodes, a new connection every [`STREAMS_PER_CONNECTION_MAX`] streams.
+struct Connections {
+    addrs: Vec<String>,
+    open: Vec<(Channel, usize)>,
+}
+
+impl Connections {
+    fn new(addrs: &[String]) -> Self {
+        Self { addrs: addrs.to_vec(), open: Vec::new() }
+    }
+
+    /// A channel to node `node` (index into the addresses) with room for one more stream.
+    fn for_stream(&mut self, node: usize) -> anyhow::Result<Channel> {
+        let node = node % self.addrs.len();
+        if self.open.len() <= node {
+            self.open
+                .resize_with(self.addrs.len(), || (Channel::from_static("http://[::1]:1").connect_lazy(), usize::MAX));
+        }
+        let (channel, streams) = &mut self.open[node];
+        if *streams >= STREAMS_PER_CONNECTION_MAX {
+            *channel = Channel::from_shared(format!("http://{}", self.addrs[node]))?.connect_lazy();
+            *streams = 0;
+        }
+        *streams += 1;
+        Ok(channel.clone())
+    }
+}
+
+/// A posting user: its room and its own Pipeline stream.
+struct Poster {
+    user: u32,
+    room: String,
+    requests: mpsc::Sender<PipelineRequest>,
+    replies: tonic::Streaming<PipelineReply>,
+    next_id: u64,
+    next_post_at: Instant,
+}
+
+impl Poster {
+    async fn post(&mut self, body: String, client_message_id: String, ack: AckLevel) -> Result<(), String> {
+        self.next_id += 1;
+        let post = PostRequest { room: self.room.clone(), body, client_message_id, ack: ack as i32, seen: None };
+        self.requests
+            .send(PipelineRequest { id: self.next_id, op: Some(pipeline_request::Op::Post(post)) })
+            .await
+            .map_err(|_| "pipeline closed".to_string())?;
+        loop {
+            let reply = self
+                .replies
+                .message()
+                .await
+                .map_err(|status| format!("{}: {}", status.code(), status.message()))?
+                .ok_or("pipeline ended")?;
+            if reply.id != self.next_id {
+                continue;
+            }
+            return match reply.result {
+                Some(pipeline_reply::Result::Error(e)) => Err(e.code),
+                Some(_) => Ok(()),
+                None => Err("empty reply".into()),
+            };
+        }
+    }
+}
+
+/// What one subscription received, by run: each post's key and its delivery latency in µs.
+type Received = Mutex<HashMap<u32, Vec<(u64, u32)>>>;
+
+/// What the subscriptions received, for the runs to count.
+#[derive(Default)]
+struct Deliveries {
+    /// Per subscription (index), per run: the keys received and each one's latency.
+    received: Vec<Received>,
+    /// Deliveries of the current run, all subscriptions together.
+    count: AtomicU64,
+    /// The run being counted.
+    run: AtomicU64,
+    /// Subscriptions that have caught up with their room.
+    caught_up: AtomicUsize,
+    /// Streams that broke and were resumed.
+    resumed: AtomicU64,
+}
+
+/// The key of a post: its user and sequence number.
+fn key(user: u32, seq: u32) -> u64 {
+    (u64::from(user) << 32) | u64::from(seq)
+}
+
+/// A body: `bench <run> <sent µs> <user> <seq> ` padded to `bytes` with `x`.
+fn body(run: u32, sent_us: u64, user: u32, seq: u32, bytes: usize) -> String {
+    let mut body = format!("bench {run} {sent_us} {user} {seq} ");
+    while body.len() < bytes {
+        body.push('x');
+    }
+    body
+}
+
+/// (run, sent µs, key) of a bench body.
+fn parse_body(body: &str) -> Option<(u32, u64, u64)> {
+    let mut words = body.split(' ');
+    if words.next()? != "bench" {
+        return None;
+    }
+    let run = words.next()?.parse().ok()?;
+    let sent = words.next()?.parse().ok()?;
+    let user = words.next()?.parse().ok()?;
+    let seq = words.next()?.parse().ok()?;
+    Some((run, sent, key(user, seq)))
+}
+
+/// Follow one room for one subscriber, recording every bench post into slot `index`.
+async fn follow(
+    connections_channel: Channel,
+    token: String,
+    room: String,
+    index: usize,
+    epoch: Instant,
+    deliveries: Arc<Deliveries>,
+) {
+    let mut client = ChatServiceClient::new(connections_channel).max_decoding_message_size(64 * 1024 * 1024);
+    let mut have: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut first = true;
+    loop {
+        let request = SubscribeRequest {
+            room: room.clone(),
+            version_vector: Some(VersionVector { entries: have.iter().map(|(r, c)| (*r, *c)).collect() }),
+        };
+        let stream = match authed(request, &token) {
+            Ok(request) => client.subscribe(request).await,
+            Err(_) => return,
+        };
+        let mut stream = match stream {
+            Ok(stream) => stream.into_inner(),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        loop {
+            let event = match stream.message().await {
+                Ok(Some(event)) => event,
+                _ => break,
+            };
+            match event.event {
+                Some(room_event::Event::CaughtUp(_)) if first => {
+                    first = false;
+                    deliveries.caught_up.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(room_event::Event::Message(event)) => {
+                    if let Some(position) = &event.position {
+                        let counter = have.entry(position.replica).or_default();
+                        *counter = (*counter).max(position.counter);
+                    }
+                    if event.kind != MessageEventKind::Posted as i32 {
+                        continue;
+                    }
+                    let Some((run, sent_us, key)) = event.message.as_ref().and_then(|m| parse_body(&m.body)) else {
+                        continue;
+                    };
+                    let latency_us =
+                        u32::try_from((epoch.elapsed().as_micros() as u64).saturating_sub(sent_us)).unwrap_or(u32::MAX);
+                    if let Some(slot) = deliveries.received.get(index) {
+                        slot.lock().unwrap_or_else(|p| p.into_inner()).entry(run).or_default().push((key, latency_us));
+                    }
+                    if u64::from(run) == deliveries.run.load(Ordering::Relaxed) {
+                        deliveries.count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                _ => {}
+            }
+        }
+        deliveries.resumed.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Run `f` over `items` with at most [`SETUP_IN_FLIGHT_MAX`] in flight.
+async fn bounded<T, F, Fut, R>(items: Vec<T>, f: F) -> anyhow::Result<Vec<R>>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<R>>,
+{
+    use futures::StreamExt;
+    futures::stream::iter(items.into_iter().map(f))
+        .buffered(SETUP_IN_FLIGHT_MAX)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect()
+}
+
+pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.users > 0 && args.rooms > 0, "--users and --rooms must be positive");
+    let cluster = Cluster::open(&args.cluster, args.base_port).await?;
+    let channels = cluster.channels()?;
+    let nodes = channels.len();
+    let run_id = std::process::id();
+    let ack = match args.ack {
+        Ack::Quorum => AckLevel::Quorum,
+        Ack::One => AckLevel::One,
+    };
+
+    // Rooms, posting users (each a member of its one room), subscribers (members of all).
+    let mut setup = ChatServiceClient::new(channels[0].clone());
+    let owner = login(&mut setup, "bench-owner").await?;
+    let rooms: Vec<String> = (0..args.rooms).map(|i| format!("posts-{run_id}-{i}")).collect();
+    println!("setup: {} rooms, {} posting users, {} subscribers", args.rooms, args.users, args.subscribers);
+    bounded(rooms.clone(), |room| {
+        let mut client = setup.clone();
+        let owner = owner.clone();
+        async move {
+            client
+                .create_room(authed(CreateRoomRequest { room: room.clone(), ..Default::default() }, &owner)?)
+                .await
+                .with_context(|| format!("create {room}"))?;
+            anyhow::Ok(())
+        }
+    })
+    .await?;
+    let members: Vec<(String, Vec<String>, usize)> = (0..args.users)
+        .map(|u| (format!("bp-{run_id}-{u}"), vec![rooms[u % rooms.len()].clone()], u % nodes))
+        .chain((0..args.subscribers).map(|k| (format!("bs-{run_id}-{k}"), rooms.clone(), k % nodes)))
+        .collect();
+    let tokens: Vec<String> = bounded(members.clone(), |(user, rooms, node)| {
+        let mut client = ChatServiceClient::new(channels[node].clone());
+        async move {
+            let token = login(&mut client, &user).await?;
+            for room in rooms {
+                client
+                    .join(authed(RoomRequest { room: room.clone() }, &token)?)
+                    .await
+                    .with_context(|| format!("{user} joins {room}"))?;
+            }
+            anyhow::Ok(token)
+        }
+    })
+    .await?;
+
+    // Subscriptions, caught up before the first run.
+    let epoch = Instant::now();
+    let mut connections = Connections::new(&cluster.addrs);
+    let subscriptions = args.subscribers * rooms.len();
+    let deliveries = Arc::new(Deliveries {
+        received: (0..subscriptions).map(|_| Mutex::new(HashMap::new())).collect(),
+        ..Default::default()
+    });
+    let mut followers = Vec::new();
+    for k in 0..args.subscribers {
+        let token = tokens[args.users + k].clone();
+        for (r, room) in rooms.iter().enumerate() {
+            let channel = connections.for_stream(k)?;
+            let task = follow(channel, token.clone(), room.clone(), k * rooms.len() + r, epoch, deliveries.clone());
+            followers.push(tokio::spawn(task));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while deliveries.caught_up.load(Ordering::Relaxed) < subscriptions {
+        anyhow::ensure!(Instant::now() < deadline, "subscriptions did not catch up within 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Posting users' pipelines.
+    let mut posters = Vec::with_capacity(args.users);
+    for (u, token) in tokens.iter().take(args.users).enumerate() {
+        let mut client = ChatServiceClient::new(connections.for_stream(u % nodes)?);
+        let (requests, outgoing) = mpsc::channel(4);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(outgoing);
+        let replies = client.pipeline(authed(stream, token)?).await?.into_inner();
+        posters.push(Poster {
+            user: u32::try_from(u)?,
+            room: rooms[u % rooms.len()].clone(),
+            requests,
+            replies,
+            next_id: 0,
+            next_post_at: Instant::now(),
+        });
+    }
+
+    println!(
+        "{:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>7}",
+        "in-flight", "posts/s", "ack p50", "ack p99", "deliv/s", "deliv p50", "deliv p99", "missing", "errors"
+    );
+    let mut sequence = 0u32;
+    for (run, &in_flight) in args.in_flight.iter().enumerate() {
+        let run = u32::try_from(run)? + 1;
+        let in_flight = in_flight.clamp(1, posters.len());
+        deliveries.run.store(u64::from(run), Ordering::Relaxed);
+        deliveries.count.store(0, Ordering::Relaxed);
+        // Deal the users to the writers round-robin.
+        let mut hands: Vec<Vec<Poster>> = (0..in_flight).map(|_| Vec::new()).collect();
+        for (i, poster) in posters.drain(..).enumerate() {
+            hands[i % in_flight].push(poster);
+        }
+        let started = Instant::now();
+        let stop_at = started + Duration::from_secs(args.seconds);
+        let interval = args.rate.map(|rate| Duration::from_secs_f64(in_flight as f64 / rate.max(1) as f64));
+        let mut writers = Vec::new();
+        for (w, mut hand) in hands.into_iter().enumerate() {
+            let body_bytes = args.body_bytes;
+            let first_seq = sequence;
+            writers.push(tokio::spawn(async move {
+                let mut acked: Vec<(usize, u64)> = Vec::new();
+                let mut latencies = Vec::new();
+                let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+                let mut seq = first_seq;
+                let mut next_at = started + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / in_flight as f64));
+                let mut turn = 0usize;
+                loop {
+                    let users = hand.len();
+                    let poster = &mut hand[turn % users];
+                    turn += 1;
+                    let at = next_at.max(poster.next_post_at);
+                    if at >= stop_at {
+                        break;
+                    }
+                    tokio::time::sleep_until(at.into()).await;
+                    if let Some(interval) = interval {
+                        next_at += interval;
+                    }
+                    poster.next_post_at = Instant::now() + Duration::from_millis(USER_POST_INTERVAL_MS);
+                    seq += 1;
+                    let sent = Instant::now();
+                    let sent_us = sent.duration_since(epoch).as_micros() as u64;
+                    let text = body(run, sent_us, poster.user, seq, body_bytes);
+                    match poster.post(text, format!("{run}-{seq}"), ack).await {
+                        Ok(()) => {
+                            latencies.push(sent.elapsed());
+                            acked.push(((poster.user) as usize, key(poster.user, seq)));
+                        }
+                        Err(error) => *errors.entry(error).or_default() += 1,
+                    }
+                }
+                (hand, acked, latencies, errors)
+            }));
+            sequence = sequence.wrapping_add(1 << 24);
+        }
+        let mut acked_by_room: HashMap<usize, Vec<u64>> = HashMap::new();
+        let mut latencies = Vec::new();
+        let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+        for writer in writers {
+            let (hand, acked, l, e) = writer.await?;
+            posters.extend(hand);
+            for (user, key) in acked {
+                acked_by_room.entry(user % rooms.len()).or_default().push(key);
+            }
+            latencies.extend(l);
+            for (error, count) in e {
+                *errors.entry(error).or_default() += count;
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        posters.sort_by_key(|p| p.user);
+
+        // Wait until every subscriber holds every acknowledged post (or the deadline).
+        let acked_total: u64 = acked_by_room.values().map(|keys| keys.len() as u64).sum();
+        let expected = acked_total * args.subscribers as u64;
+        let drain_deadline = Instant::now() + Duration::from_millis(DRAIN_DEADLINE_MS);
+        while deliveries.count.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut delivery_latencies = Vec::new();
+        let mut missing = 0u64;
+        let mut duplicates = 0u64;
+        for k in 0..args.subscribers {
+            for (r, _) in rooms.iter().enumerate() {
+                let slot = &deliveries.received[k * rooms.len() + r];
+                let got = slot.lock().unwrap_or_else(|p| p.into_inner()).remove(&run).unwrap_or_default();
+                let mut seen = HashSet::with_capacity(got.len());
+                for (key, latency_us) in got {
+                    if seen.insert(key) {
+                        delivery_latencies.push(Duration::from_micros(u64::from(latency_us)));
+                    } else {
+                        duplicates += 1;
+                    }
+                }
+                let acked = acked_by_room.get(&r).map_or(&[][..], |v| &v[..]);
+                missing += acked.iter().filter(|key| !seen.contains(key)).count() as u64;
+            }
+        }
+        latencies.sort();
+        delivery_latencies.sort();
+        println!(
+            "{:>9} {:>9.0} {:>9.2} {:>9.2} {:>10.0} {:>10.2} {:>10.2} {:>8} {:>7}",
+            in_flight,
+            latencies.len() as f64 / elapsed,
+            quantile_ms(&latencies, 0.50),
+            quantile_ms(&latencies, 0.99),
+            delivery_latencies.len() as f64 / elapsed,
+            quantile_ms(&delivery_latencies, 0.50),
+            quantile_ms(&delivery_latencies, 0.99),
+            missing,
+            errors.values().sum::<usize>()
+        );
+        for (error, count) in &errors {
+            println!("          {count} x {error}");
+        }
+        if duplicates > 0 {
+            println!("          {duplicates} deliveries of a post a subscriber already had");
+        }
+    }
+    let resumed = deliveries.resumed.load(Ordering::Relaxed);
+    if resumed > 0 {
+        println!("          {resumed} subscription streams broke and were resumed");
+    }
+    for follower in followers {
+        follower.abort();
+    }
+    drop(posters);
+    cluster.stop().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_carries_its_run_time_and_key() {
+        let text = body(3, 123_456, 7, 9, 200);
+        assert_eq!(text.len(), 200);
+        assert_eq!(parse_body(&text), Some((3, 123_456, key(7, 9))));
+        assert_eq!(parse_body("hello"), None);
+        assert_eq!(parse_body("bench x"), None);
+    }
+}
