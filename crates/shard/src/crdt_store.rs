@@ -7,9 +7,12 @@
 //! - `room_state`: per room, the version vector of the events held (written in the same batch
 //!   as the events) and the read markers.
 //!
-//! A room's [`RoomLog`] is loaded into memory on first use and kept there; the version vectors
-//! of all rooms of the shard (the *index*) are loaded when the replica starts, so anti-entropy
-//! can compare rooms without loading their logs.
+//! A room's [`RoomLog`] is loaded into memory on first use; the version vectors of all rooms of
+//! the shard (the *index*) are loaded when the replica starts, so anti-entropy can compare rooms
+//! without loading their logs. At most [`ROOMS_LOADED_MAX`] rooms stay loaded per replica: past
+//! that, the least recently used rooms that nobody holds (no subscriber, no write in flight)
+//! and that have no presence or typing (which live only in memory) are dropped from memory, and
+//! loaded again from the engine on their next use.
 //!
 //! ## Write path
 //! [`CrdtStore::write_local`] stamps an event (the replica's next dot, an HLC after everything
@@ -53,6 +56,10 @@ use crate::log_store::GroupCommit;
 
 /// Most events read from the engine per scan while loading a room.
 pub const ROOM_LOAD_SCAN_EVENTS: usize = 4_096;
+/// Rooms kept loaded per replica before idle ones are dropped from memory.
+pub const ROOMS_LOADED_MAX: usize = 512;
+/// Eviction drops idle rooms until this many are loaded (so it runs once per many loads).
+pub const ROOMS_LOADED_AFTER_EVICTION: usize = ROOMS_LOADED_MAX * 7 / 8;
 /// Side events (presence, typing, read markers) buffered per room for slow subscribers; a
 /// subscriber that falls further behind is sent the full side state instead.
 pub const SIDE_EVENTS_BUFFERED_PER_ROOM: usize = 256;
@@ -90,6 +97,8 @@ pub enum SideChange {
 #[derive(Debug)]
 pub struct RoomCell {
     state: Mutex<RoomState>,
+    /// The store's use counter when the room was last asked for (for eviction).
+    last_used: std::sync::atomic::AtomicU64,
     /// What is fsynced: subscribers and pushes send only this.
     durable: watch::Sender<VersionVector>,
     side: broadcast::Sender<SideChange>,
@@ -194,11 +203,35 @@ struct StoreInner {
     group_commit: GroupCommit,
     clock: Arc<Mutex<HlcClock>>,
     rooms: Mutex<BTreeMap<RoomId, Arc<RoomCell>>>,
+    /// Bumped on every `room` call: the clock of least-recent use.
+    uses: std::sync::atomic::AtomicU64,
     /// Every room with events or side state, and its durable version vector and side digest.
     index: Mutex<BTreeMap<RoomId, (VersionVector, [u8; 32])>>,
     peers: Mutex<BTreeMap<ReplicaId, PeerKnowledge>>,
     changes: watch::Sender<u64>,
     acks: watch::Sender<u64>,
+}
+
+/// Drop least recently used rooms from `rooms` until at most `keep` remain, skipping any that
+/// someone holds (a subscriber, a write or push in flight: the map's is then not the only
+/// handle, and `room` only hands out handles under the same lock) and any with presence or
+/// typing, which exist only in memory. Everything else of a room is in the engine.
+fn evict_idle(rooms: &mut BTreeMap<RoomId, Arc<RoomCell>>, keep: usize) {
+    use std::sync::atomic::Ordering;
+    let mut idle: Vec<(u64, RoomId)> = rooms
+        .iter()
+        .filter(|(_, cell)| Arc::strong_count(cell) == 1)
+        .filter(|(_, cell)| {
+            let state = cell.lock();
+            state.side.presence == PresenceMap::default() && state.side.typing == TypingMap::default()
+        })
+        .map(|(room, cell)| (cell.last_used.load(Ordering::Relaxed), room.clone()))
+        .collect();
+    idle.sort_unstable();
+    let excess = rooms.len().saturating_sub(keep);
+    for (_, room) in idle.into_iter().take(excess) {
+        rooms.remove(&room);
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -250,6 +283,7 @@ impl CrdtStore {
                 group_commit,
                 clock,
                 rooms: Mutex::new(BTreeMap::new()),
+                uses: std::sync::atomic::AtomicU64::new(0),
                 index: Mutex::new(index),
                 peers: Mutex::new(BTreeMap::new()),
                 changes,
@@ -279,7 +313,10 @@ impl CrdtStore {
 
     /// The room, loaded from the engine on first use.
     pub async fn room(&self, room: &RoomId) -> Result<Arc<RoomCell>, StoreError> {
+        use std::sync::atomic::Ordering;
+        let now = self.inner.uses.fetch_add(1, Ordering::Relaxed);
         if let Some(cell) = lock(&self.inner.rooms).get(room) {
+            cell.last_used.store(now, Ordering::Relaxed);
             return Ok(cell.clone());
         }
         let this = self.clone();
@@ -287,9 +324,18 @@ impl CrdtStore {
         let loaded = tokio::task::spawn_blocking(move || this.load_room(&id))
             .await
             .map_err(|e| StorageError::io(format!("room load task: {e}")))??;
+        loaded.last_used.store(now, Ordering::Relaxed);
         let mut rooms = lock(&self.inner.rooms);
-        let cell = rooms.entry(room.clone()).or_insert_with(|| Arc::new(loaded));
-        Ok(cell.clone())
+        let cell = rooms.entry(room.clone()).or_insert_with(|| Arc::new(loaded)).clone();
+        if rooms.len() > ROOMS_LOADED_MAX {
+            evict_idle(&mut rooms, ROOMS_LOADED_AFTER_EVICTION);
+        }
+        Ok(cell)
+    }
+
+    /// How many rooms are loaded in memory.
+    pub fn rooms_loaded(&self) -> usize {
+        lock(&self.inner.rooms).len()
     }
 
     fn load_room(&self, room: &RoomId) -> Result<RoomCell, StoreError> {
@@ -322,7 +368,12 @@ impl CrdtStore {
         let durable = log.version_vector().clone();
         let (durable, _) = watch::channel(durable);
         let (side_tx, _) = broadcast::channel(SIDE_EVENTS_BUFFERED_PER_ROOM);
-        Ok(RoomCell { state: Mutex::new(RoomState { log, side }), durable, side: side_tx })
+        Ok(RoomCell {
+            state: Mutex::new(RoomState { log, side }),
+            last_used: std::sync::atomic::AtomicU64::new(0),
+            durable,
+            side: side_tx,
+        })
     }
 
     /// Stamp, persist and apply a local event by `author`, then wait until it is durable.
@@ -798,6 +849,44 @@ mod tests {
         let cell = store.room(&room).await.expect("room");
         assert_eq!(cell.durable().get(ReplicaId(1)), 2, "the retry wrote nothing");
         assert_eq!(cell.lock().log.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn idle_rooms_leave_memory_and_come_back_whole() {
+        use palaver_crdt::{PresenceEntry, PresenceStatus};
+        let store = store(Arc::new(MemEngine::new()), 1);
+        // A room someone holds (a subscriber) and a room with presence stay loaded.
+        let held_room = RoomId("held".into());
+        let held = store.room(&held_room).await.expect("room");
+        write(&store, &held_room, "ada", "h", 1_000).await;
+        let present = RoomId("present".into());
+        write(&store, &present, "ada", "p", 1_000).await;
+        let ada = UserName("ada".into());
+        let entry = PresenceEntry::new(PresenceStatus::Online, Hlc::new(1_000, 0), ReplicaId(1), 1_000);
+        store.update_side(&present, |side, _| side.presence.set(ada.clone(), entry)).await.expect("presence");
+        let first = RoomId("r0".into());
+        write(&store, &first, "ada", "m0", 1_000).await;
+        let first_cell = Arc::downgrade(&store.room(&first).await.expect("room"));
+        for i in 1..ROOMS_LOADED_MAX + 50 {
+            let room = RoomId(format!("r{i}"));
+            write(&store, &room, "ada", &format!("m{i}"), 1_000 + i as u64).await;
+        }
+        assert!(store.rooms_loaded() <= ROOMS_LOADED_MAX, "{} rooms loaded", store.rooms_loaded());
+        assert!(first_cell.upgrade().is_none(), "the least recently used idle room left memory");
+        assert!(Arc::ptr_eq(&held, &store.room(&held_room).await.expect("room")), "a held room stays");
+        let present_cell = store.room(&present).await.expect("room");
+        assert!(present_cell.lock().side.presence.entry(&ada).is_some(), "a room with presence stays");
+        // The evicted room comes back from the engine with its events, and goes on counting.
+        let again = store.room(&first).await.expect("room");
+        let bodies: Vec<String> = again.lock().log.messages().map(|m| m.body.clone()).collect();
+        assert_eq!(bodies, vec!["m0".to_string()]);
+        assert_eq!(again.durable().get(ReplicaId(1)), 1);
+        drop(again);
+        let next = write(&store, &first, "bob", "after", 9_000).await;
+        assert_eq!(next.position.counter, 2);
+        assert!(!next.duplicate);
+        let retry = write(&store, &first, "ada", "m0", 9_001).await;
+        assert!(retry.duplicate, "a retried post is still recognised after a reload");
     }
 
     #[tokio::test]

