@@ -8,10 +8,14 @@
 //!   version vector (at most [`PUSH_EVENTS_PER_ROOM_MAX`] per room, [`PUSH_ROOMS_MAX`] rooms per
 //!   call) and the side state if its digest differs. The peer applies, fsyncs and answers with
 //!   its copy, which the pusher records — that record is what `quorum` acknowledgements wait on.
-//! - **Anti-entropy.** Every [`ANTI_ENTROPY_INTERVAL_MS`], and at once after a failed call (so
-//!   after a partition heals or a peer restarts), the pusher compares a digest of every room's
-//!   version vector with the peer; if they differ, the two exchange listings of their rooms in
-//!   pages of [`SYNC_ROOMS_PER_PAGE`], and each side then pushes what the other lacks.
+//! - **Anti-entropy.** At once after a failed call (so after a partition heals or a peer
+//!   restarts), and periodically, the pusher sends the peer a digest of every room's version
+//!   vector (a digest alone: nothing else crosses the wire while the two agree); if they
+//!   differ, the two exchange listings of their rooms in pages of [`SYNC_ROOMS_PER_PAGE`], and
+//!   each side then pushes what the other lacks. The period starts at
+//!   [`ANTI_ENTROPY_INTERVAL_MS`] and doubles, up to [`ANTI_ENTROPY_INTERVAL_MAX_MS`], for as
+//!   long as each comparison finds the two in agreement (pushes keep them there; the digest is
+//!   the safety net), so a quiet replica's cost is not O(rooms) every second.
 //!
 //! Both directions run: each replica's pushers feed its peers, and a push also tells the
 //! receiver what the sender holds, so the receiver's pusher sends back what the sender lacks.
@@ -33,8 +37,10 @@ use tokio::task::JoinHandle;
 
 use crate::node::NodeInner;
 
-/// How often a pusher compares digests with its peer.
+/// How soon a pusher compares digests with its peer again after they differed.
 pub const ANTI_ENTROPY_INTERVAL_MS: u64 = 1_000;
+/// The longest pause between two digest comparisons while they keep agreeing.
+pub const ANTI_ENTROPY_INTERVAL_MAX_MS: u64 = 32_000;
 /// Most rooms in one push call.
 pub const PUSH_ROOMS_MAX: usize = 64;
 /// Most events of one room in one push call.
@@ -49,6 +55,7 @@ pub const CRDT_CALL_TIMEOUT_MS: u64 = 5_000;
 pub const PUSH_RETRY_MS: u64 = 200;
 
 const _: () = assert!(PUSH_RETRY_MS < ANTI_ENTROPY_INTERVAL_MS);
+const _: () = assert!(ANTI_ENTROPY_INTERVAL_MS <= ANTI_ENTROPY_INTERVAL_MAX_MS);
 
 /// One room's part of a push.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +75,9 @@ pub struct RoomPush {
 pub enum CrdtMessage {
     /// Events and side state the receiver lacks.
     Push(Vec<RoomPush>),
+    /// Anti-entropy, first step: the sender's digest of every room (answered `InSync` or
+    /// `Differs`).
+    Digest([u8; 32]),
     /// Anti-entropy: the sender's digest and a page of its rooms, `[from, to)` (`to` `None`: to
     /// the end).
     Sync {
@@ -89,6 +99,8 @@ pub enum CrdtAnswer {
     Pushed(Vec<RoomSummary>),
     /// Same digest: nothing to exchange.
     InSync,
+    /// Different digests: exchange listings.
+    Differs,
     /// The receiver's rooms in the page's range.
     Listing(Vec<RoomSummary>),
 }
@@ -142,6 +154,14 @@ impl Replication {
     }
 }
 
+/// How a push round ended.
+enum Pushed {
+    /// The peer lacks nothing, or the round's bound was reached.
+    Done,
+    /// The peer took nothing of what it seems to lack.
+    Stuck,
+}
+
 /// Keeps one peer's copy of one shard's rooms up to date.
 struct Pusher {
     node: Arc<NodeInner>,
@@ -156,20 +176,39 @@ impl Pusher {
         let store = self.replica.crdt.clone();
         let mut changes = store.changes();
         let mut sync_due = true;
-        let mut tick = tokio::time::interval(Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut interval = Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS);
+        let mut next_sync = tokio::time::Instant::now() + interval;
         loop {
             if sync_due {
                 match self.sync(&store).await {
-                    Ok(()) => sync_due = false,
+                    Ok(agreed) => {
+                        sync_due = false;
+                        interval = if agreed {
+                            (interval * 2).min(Duration::from_millis(ANTI_ENTROPY_INTERVAL_MAX_MS))
+                        } else {
+                            Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS)
+                        };
+                        next_sync = tokio::time::Instant::now() + interval;
+                    }
                     Err(e) => {
+                        interval = Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS);
                         tracing::debug!(shard = %store.shard(), peer = %self.peer, error = %e, "anti-entropy failed")
                     }
                 }
             }
-            if !sync_due && let Err(e) = self.push(&store).await {
-                tracing::debug!(shard = %store.shard(), peer = %self.peer, error = %e, "push failed");
-                sync_due = true;
+            if !sync_due {
+                match self.push(&store).await {
+                    Ok(Pushed::Done) => {}
+                    Ok(Pushed::Stuck) => {
+                        // The peer took nothing of what it seems to lack: compare soon.
+                        interval = Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS);
+                        next_sync = next_sync.min(tokio::time::Instant::now() + interval);
+                    }
+                    Err(e) => {
+                        tracing::debug!(shard = %store.shard(), peer = %self.peer, error = %e, "push failed");
+                        sync_due = true;
+                    }
+                }
             }
             let pause = async {
                 if sync_due {
@@ -177,7 +216,7 @@ impl Pusher {
                     true
                 } else {
                     tokio::select! {
-                        _ = tick.tick() => true,
+                        () = tokio::time::sleep_until(next_sync) => true,
                         changed = changes.changed() => changed.is_err(),
                     }
                 }
@@ -201,11 +240,20 @@ impl Pusher {
         keys::decode(&reply.payload).map_err(|e| e.to_string())
     }
 
-    /// One full anti-entropy exchange: digests, then listings page by page if they differ. The
-    /// pages come from one snapshot of the index, the one the digest was taken of.
-    async fn sync(&self, store: &CrdtStore) -> Result<(), String> {
+    /// One full anti-entropy exchange: digests, then listings page by page if they differ.
+    /// The pages come from one snapshot of the index, the one the digest was taken of.
+    /// Returns whether the digests agreed.
+    async fn sync(&self, store: &CrdtStore) -> Result<bool, String> {
         let peer = ReplicaId(self.peer.0);
         let (all, digest) = store.index_snapshot();
+        match self.call(&CrdtMessage::Digest(digest)).await? {
+            CrdtAnswer::InSync => {
+                store.record_peer_listing(peer, &all, &RoomId(String::new()), None);
+                return Ok(true);
+            }
+            CrdtAnswer::Differs => {}
+            _ => return Err("unexpected answer to a digest".into()),
+        }
         let mut from = RoomId(String::new());
         let mut start = 0;
         loop {
@@ -216,28 +264,28 @@ impl Pusher {
             match self.call(&message).await? {
                 CrdtAnswer::InSync => {
                     store.record_peer_listing(peer, &all, &RoomId(String::new()), None);
-                    return Ok(());
+                    return Ok(true);
                 }
                 CrdtAnswer::Listing(theirs) => store.record_peer_listing(peer, &theirs, &from, to.as_ref()),
-                CrdtAnswer::Pushed(_) => return Err("unexpected answer to a sync".into()),
+                _ => return Err("unexpected answer to a sync".into()),
             }
             match to {
                 Some(next) => {
                     from = next;
                     start = end;
                 }
-                None => return Ok(()),
+                None => return Ok(false),
             }
         }
     }
 
     /// Push until the peer lacks nothing (or the round's bound is reached).
-    async fn push(&self, store: &CrdtStore) -> Result<(), String> {
+    async fn push(&self, store: &CrdtStore) -> Result<Pushed, String> {
         let peer = ReplicaId(self.peer.0);
         for _ in 0..PUSH_CALLS_PER_ROUND_MAX {
             let behind = store.rooms_behind(peer, PUSH_ROOMS_MAX);
             if behind.is_empty() {
-                return Ok(());
+                return Ok(Pushed::Done);
             }
             let mut pushes = Vec::with_capacity(behind.len());
             for (room, held, side_behind) in behind {
@@ -262,10 +310,10 @@ impl Pusher {
             if !progressed {
                 // The peer took nothing (a refused or conflicting event): stop instead of
                 // spinning; anti-entropy and the next change try again.
-                return Ok(());
+                return Ok(Pushed::Stuck);
             }
         }
-        Ok(())
+        Ok(Pushed::Done)
     }
 }
 
@@ -283,6 +331,14 @@ pub async fn handle(store: &CrdtStore, from: NodeId, message: CrdtMessage, now_m
             }
             Ok(CrdtAnswer::Pushed(copies))
         }
+        CrdtMessage::Digest(digest) => {
+            let (all, mine) = store.index_snapshot();
+            if digest == mine {
+                store.record_peer_listing(peer, &all, &RoomId(String::new()), None);
+                return Ok(CrdtAnswer::InSync);
+            }
+            Ok(CrdtAnswer::Differs)
+        }
         CrdtMessage::Sync { digest, from: start, to, rooms } => {
             let (all, mine) = store.index_snapshot();
             if digest == mine {
@@ -296,5 +352,43 @@ pub async fn handle(store: &CrdtStore, from: NodeId, message: CrdtMessage, now_m
                 .collect();
             Ok(CrdtAnswer::Listing(listing))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use palaver_crdt::{EventKind, HlcClock, MessageId};
+    use palaver_ids::UserName;
+    use palaver_shard::{GroupCommit, KvEngine, MemEngine};
+
+    use super::*;
+
+    fn store(replica: u64) -> CrdtStore {
+        let engine: Arc<dyn KvEngine> = Arc::new(MemEngine::new());
+        let group_commit = GroupCommit::start(engine.clone());
+        CrdtStore::open(ShardId(1), ReplicaId(replica), engine, group_commit, Arc::new(Mutex::new(HlcClock::new())))
+            .expect("open")
+    }
+
+    #[tokio::test]
+    async fn a_digest_alone_settles_agreement_and_a_difference_asks_for_listings() {
+        let (a, b) = (store(1), store(2));
+        let room = RoomId("general".into());
+        let ada = UserName("ada".into());
+        let kind = EventKind::Post {
+            message_id: MessageId::derive(&room, &ada, "c1"),
+            client_message_id: "c1".into(),
+            body: "hi".into(),
+        };
+        a.write_local(&room, ada, kind, 1_000, None).await.expect("write");
+        let answer = handle(&b, NodeId(1), CrdtMessage::Digest(a.digest()), 1_000).await.expect("digest");
+        assert_eq!(answer, CrdtAnswer::Differs);
+        let events = a.room(&room).await.expect("room").durable_delta(&VersionVector::new(), usize::MAX);
+        b.apply_remote(&room, events, None, 1_000).await.expect("apply");
+        let answer = handle(&b, NodeId(1), CrdtMessage::Digest(a.digest()), 1_000).await.expect("digest");
+        assert_eq!(answer, CrdtAnswer::InSync);
+        assert!(b.rooms_behind(ReplicaId(1), 10).is_empty(), "agreement tells b what a holds: nothing to push");
     }
 }
