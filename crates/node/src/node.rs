@@ -98,6 +98,9 @@ pub struct NodeInner {
     pub rate_limiter: crate::limits::RateLimiter,
     /// CRDT pushers, one per (local replica, peer).
     pub replication: crate::replication::Replication,
+    /// Random per start: with `request_seq`, identifies the commands this node submits.
+    request_boot: u64,
+    request_seq: std::sync::atomic::AtomicU64,
     view: RwLock<ClusterView>,
     leader_hints: Mutex<BTreeMap<ShardId, NodeId>>,
     membership_changes: Mutex<BTreeSet<ShardId>>,
@@ -182,6 +185,14 @@ impl NodeInner {
     pub fn now_ms(&self) -> u64 {
         self.env.clock.now_ms()
     }
+
+    /// `command` with a fresh request identity of this node, so that the routing layer's
+    /// retries of it are answered with its first outcome (see [`palaver_shard::RequestId`]).
+    pub fn identify(&self, command: Command) -> Command {
+        let seq = self.request_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = palaver_shard::RequestId { origin: self.id.0, boot: self.request_boot, seq };
+        Command::Request { id, at_ms: self.now_ms(), command: Box::new(command) }
+    }
 }
 
 /// A running node. Dropping it does not stop it; call [`Node::shutdown`].
@@ -234,6 +245,7 @@ impl Node {
                 )));
             }
         };
+        let request_boot = u64::from_be_bytes(env.rng.bytes(8).try_into().unwrap_or([0; 8]));
         let inner = Arc::new(NodeInner {
             id: identity.node_id,
             ring: ShardRing::new(identity.shard_count),
@@ -245,6 +257,8 @@ impl Node {
             seeds,
             rate_limiter: crate::limits::RateLimiter::default(),
             replication: crate::replication::Replication::default(),
+            request_boot,
+            request_seq: std::sync::atomic::AtomicU64::new(0),
             view: RwLock::new(ClusterView::default()),
             leader_hints: Mutex::new(BTreeMap::new()),
             membership_changes: Mutex::new(BTreeSet::new()),

@@ -63,8 +63,8 @@ pub async fn execute_local(node: &NodeInner, shard: ShardId, command: Command) -
             Err(LocalError::NotLeader(f.leader_id.map(NodeId)))
         }
         Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(f))) => {
-            // Leadership changed under the write; commands are safe to retry (their rules make
-            // a repeat harmless or a typed refusal), so route again.
+            // Leadership changed under the write; route again: the command carries its request
+            // identity, so if it did commit, the retry is answered with that outcome.
             Err(LocalError::NotLeader(f.leader_id.map(NodeId)))
         }
         Err(e) => Err(LocalError::Api(ApiError::Unavailable { shard: shard.0, reason: e.to_string() })),
@@ -99,8 +99,11 @@ enum Attempt<T> {
     Failed(ApiError),
 }
 
-/// Commit `command` on the leader of `shard`, wherever it is.
+/// Commit `command` on the leader of `shard`, wherever it is. The command gets a request
+/// identity first, so a retry after an ambiguous failure (committed, answer lost) returns the
+/// first outcome instead of applying it again.
 pub async fn submit(node: &Arc<NodeInner>, shard: ShardId, command: Command) -> Result<Committed, ApiError> {
+    let command = node.identify(command);
     let frame = keys::encode(&command)?;
     route(node, shard, |target| {
         let command = command.clone();

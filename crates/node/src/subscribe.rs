@@ -172,7 +172,10 @@ impl Subscription {
             Command::Ban { actor, target, .. } => (target, "banned", actor),
             Command::Unban { actor, target, .. } => (target, "unbanned", actor),
             Command::SetRole { actor, target, .. } => (target, "role", actor),
-            Command::InitCluster { .. } | Command::AddNode { .. } | Command::RegisterUser { .. } => return Ok(()),
+            Command::Request { .. }
+            | Command::InitCluster { .. }
+            | Command::AddNode { .. }
+            | Command::RegisterUser { .. } => return Ok(()),
         };
         let role = self.replica.state.read().meta.room(&self.room).and_then(|room| room.role_of(user));
         let event = pb::MembershipEvent {

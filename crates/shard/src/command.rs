@@ -45,9 +45,32 @@ pub struct RoomSettings {
     pub visibility: Visibility,
 }
 
+/// Who sent a command and which of its commands it is, so that a command retried after an
+/// ambiguous failure (committed, but the answer lost with its leader) is answered with its
+/// first outcome instead of being applied again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RequestId {
+    /// The node that first submitted it.
+    pub origin: u64,
+    /// Random per start of that node (its sequence restarts at zero).
+    pub boot: u64,
+    /// The node's sequence number for this start.
+    pub seq: u64,
+}
+
 /// A command in a shard's Raft log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
+    /// `command`, identified: applied once, a repeat answered with the first outcome.
+    Request {
+        /// The request's identity.
+        id: RequestId,
+        /// When the submitting node received it (ms since the Unix epoch): how long its
+        /// outcome is remembered.
+        at_ms: u64,
+        /// The command.
+        command: Box<Command>,
+    },
     /// Meta group only, once: the cluster's identity and the secret that signs login tokens.
     InitCluster {
         /// Random id of this cluster, chosen by the first node.
@@ -174,6 +197,7 @@ impl std::fmt::Display for Command {
     /// A short description for logs (no secrets, no password hashes).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Command::Request { command, .. } => command.fmt(f),
             Command::InitCluster { cluster_id, shard_count, .. } => {
                 write!(f, "init cluster {cluster_id} with {shard_count} shards")
             }
@@ -196,9 +220,18 @@ impl std::fmt::Display for Command {
 }
 
 impl Command {
+    /// The command itself, without its request identity.
+    pub fn inner(&self) -> &Command {
+        match self {
+            Command::Request { command, .. } => command.inner(),
+            other => other,
+        }
+    }
+
     /// The room the command is about, if it is a room command.
     pub fn room(&self) -> Option<&RoomId> {
         match self {
+            Command::Request { command, .. } => command.room(),
             Command::InitCluster { .. } | Command::AddNode { .. } | Command::RegisterUser { .. } => None,
             Command::CreateRoom { room, .. }
             | Command::DeleteRoom { room, .. }

@@ -42,7 +42,7 @@ pub mod replica;
 pub mod state_machine;
 pub mod types;
 
-pub use command::{Command, Outcome, Refusal, Role, RoomSettings, Visibility};
+pub use command::{Command, Outcome, Refusal, RequestId, Role, RoomSettings, Visibility};
 pub use crdt_store::{CrdtStore, RoomCell, RoomSummary, SideState, StoreError, Written};
 pub use engine::{Cf, KvEngine, MemEngine, RocksEngine, WriteBatch};
 pub use error::StorageError;

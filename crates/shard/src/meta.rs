@@ -70,7 +70,51 @@ use std::collections::{BTreeMap, BTreeSet};
 use palaver_ids::{NodeId, RoomId, UserName};
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, Outcome, Refusal, Role, RoomSettings, Visibility};
+use crate::command::{Command, Outcome, Refusal, RequestId, Role, RoomSettings, Visibility};
+
+/// How long (by the submitting nodes' clocks, as carried in the log) the outcome of an
+/// identified request is remembered: well past the routing layer's retry deadline.
+pub const REQUEST_MEMORY_MS: u64 = 60_000;
+/// Most request outcomes remembered per shard; the oldest are forgotten first.
+pub const REQUESTS_REMEMBERED_MAX: usize = 100_000;
+
+/// The outcomes of recent identified requests, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RecentRequests {
+    outcomes: BTreeMap<RequestId, Outcome>,
+    order: std::collections::VecDeque<(u64, RequestId)>,
+}
+
+impl RecentRequests {
+    fn get(&self, id: &RequestId) -> Option<&Outcome> {
+        self.outcomes.get(id)
+    }
+
+    /// Remember `outcome`, forgetting those older than [`REQUEST_MEMORY_MS`] before `at_ms`
+    /// and beyond [`REQUESTS_REMEMBERED_MAX`]. Deterministic: only log contents decide.
+    fn record(&mut self, id: RequestId, at_ms: u64, outcome: Outcome) {
+        while let Some(&(oldest_ms, oldest)) = self.order.front() {
+            if oldest_ms.saturating_add(REQUEST_MEMORY_MS) >= at_ms && self.order.len() < REQUESTS_REMEMBERED_MAX {
+                break;
+            }
+            self.order.pop_front();
+            self.outcomes.remove(&oldest);
+        }
+        if self.outcomes.insert(id, outcome).is_none() {
+            self.order.push_back((at_ms, id));
+        }
+    }
+
+    /// How many outcomes are remembered.
+    pub fn len(&self) -> usize {
+        self.outcomes.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.outcomes.is_empty()
+    }
+}
 
 /// The metadata of one shard: its users, its rooms and, on the meta shard, the cluster registry.
 ///
@@ -85,6 +129,9 @@ pub struct MetaState {
     users: BTreeMap<UserName, UserRecord>,
     /// The rooms whose ids hash to this shard.
     rooms: BTreeMap<RoomId, Room>,
+    /// Outcomes of recent identified requests, to answer a retry without applying it again.
+    #[serde(default)]
+    requests: RecentRequests,
 }
 
 /// A registered user.
@@ -173,6 +220,14 @@ impl MetaState {
     /// unchanged. Never panics.
     pub fn apply(&mut self, command: &Command) -> Outcome {
         let result = match command {
+            Command::Request { id, at_ms, command } => {
+                if let Some(first) = self.requests.get(id) {
+                    return first.clone();
+                }
+                let outcome = self.apply(command);
+                self.requests.record(*id, *at_ms, outcome.clone());
+                return outcome;
+            }
             Command::InitCluster { cluster_id, token_secret, shard_count } => {
                 self.init_cluster(cluster_id, token_secret, *shard_count)
             }
@@ -524,6 +579,40 @@ mod tests {
     fn must(state: &mut MetaState, command: Command) {
         let outcome = state.apply(&command);
         assert_eq!(outcome, Outcome::Done, "fixture command {command:?}");
+    }
+
+    fn request(seq: u64, at_ms: u64, command: Command) -> Command {
+        Command::Request { id: RequestId { origin: 2, boot: 7, seq }, at_ms, command: Box::new(command) }
+    }
+
+    #[test]
+    fn a_retried_request_gets_its_first_outcome_and_is_not_applied_again() {
+        let mut state = fixture(Visibility::Public);
+        let leave = Command::Leave { room: lobby(), user: user(MIA) };
+        let first = request(1, 1_000, leave.clone());
+        assert_eq!(state.apply(&first), Outcome::Done);
+        let after_first = state.clone();
+        assert_eq!(state.apply(&first), Outcome::Done, "the retry is answered, not refused as not_member");
+        assert_eq!(state, after_first, "and changes nothing");
+        // The same command under a new identity is a new request, refused on its merits.
+        let expected = Outcome::Refused(Refusal::NotMember { room: lobby(), user: user(MIA) });
+        assert_eq!(state.apply(&request(2, 1_001, leave.clone())), expected);
+        assert_eq!(state.apply(&leave), expected, "an unidentified command is applied as before");
+    }
+
+    #[test]
+    fn request_outcomes_are_forgotten_after_the_memory_window() {
+        let mut state = fixture(Visibility::Public);
+        let join = Command::Join { room: lobby(), user: user(NINA), at_ms: 5 };
+        assert_eq!(state.apply(&request(1, 1_000, join.clone())), Outcome::Done);
+        assert_eq!(state.requests.len(), 1);
+        let later = 1_000 + REQUEST_MEMORY_MS + 1;
+        let leave = Command::Leave { room: lobby(), user: user(NINA) };
+        assert_eq!(state.apply(&request(2, later, leave)), Outcome::Done);
+        assert_eq!(state.requests.len(), 1, "the old outcome was forgotten when a newer request came");
+        // A forgotten request is applied on its merits: nina left, so she joins again.
+        assert_eq!(state.apply(&request(1, later, join)), Outcome::Done);
+        assert_eq!(state.room(&lobby()).and_then(|room| room.role_of(&user(NINA))), Some(Role::Member));
     }
 
     /// The room of the table: olga and otto owners, adam admin, mia member, bob banned.

@@ -159,7 +159,7 @@ impl RaftStateMachine<TypeConfig> for ShardStateMachine {
                         if command.room().is_some() && self.watchers.receiver_count() > 0 {
                             let _ = self.watchers.send(Arc::new(AppliedCommand {
                                 log_index: entry.log_id().index,
-                                command: command.clone(),
+                                command: command.inner().clone(),
                                 outcome: outcome.clone(),
                             }));
                         }
