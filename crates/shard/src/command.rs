@@ -58,19 +58,9 @@ pub struct RequestId {
     pub seq: u64,
 }
 
-/// A command in a shard's Raft log.
+/// A command in a shard's Raft log. Variants are encoded by position: new ones go last.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// `command`, identified: applied once, a repeat answered with the first outcome.
-    Request {
-        /// The request's identity.
-        id: RequestId,
-        /// When the submitting node received it (ms since the Unix epoch): how long its
-        /// outcome is remembered.
-        at_ms: u64,
-        /// The command.
-        command: Box<Command>,
-    },
     /// Meta group only, once: the cluster's identity and the secret that signs login tokens.
     InitCluster {
         /// Random id of this cluster, chosen by the first node.
@@ -190,6 +180,16 @@ pub enum Command {
         target: UserName,
         /// The new role.
         role: Role,
+    },
+    /// `command`, identified: applied once, a repeat answered with the first outcome.
+    Request {
+        /// The request's identity.
+        id: RequestId,
+        /// When the submitting node received it (ms since the Unix epoch): how long its
+        /// outcome is remembered.
+        at_ms: u64,
+        /// The command.
+        command: Box<Command>,
     },
 }
 

@@ -130,7 +130,6 @@ pub struct MetaState {
     /// The rooms whose ids hash to this shard.
     rooms: BTreeMap<RoomId, Room>,
     /// Outcomes of recent identified requests, to answer a retry without applying it again.
-    #[serde(default)]
     requests: RecentRequests,
 }
 
