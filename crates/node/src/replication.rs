@@ -176,22 +176,20 @@ impl Pusher {
         let store = self.replica.crdt.clone();
         let mut changes = store.changes();
         let mut sync_due = true;
-        let mut interval = Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS);
+        let shortest = Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS);
+        let longest = Duration::from_millis(ANTI_ENTROPY_INTERVAL_MAX_MS);
+        let mut interval = shortest;
         let mut next_sync = tokio::time::Instant::now() + interval;
         loop {
             if sync_due {
                 match self.sync(&store).await {
                     Ok(agreed) => {
                         sync_due = false;
-                        interval = if agreed {
-                            (interval * 2).min(Duration::from_millis(ANTI_ENTROPY_INTERVAL_MAX_MS))
-                        } else {
-                            Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS)
-                        };
+                        interval = if agreed { (interval * 2).min(longest) } else { shortest };
                         next_sync = tokio::time::Instant::now() + interval;
                     }
                     Err(e) => {
-                        interval = Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS);
+                        interval = shortest;
                         tracing::debug!(shard = %store.shard(), peer = %self.peer, error = %e, "anti-entropy failed")
                     }
                 }
@@ -201,7 +199,7 @@ impl Pusher {
                     Ok(Pushed::Done) => {}
                     Ok(Pushed::Stuck) => {
                         // The peer took nothing of what it seems to lack: compare soon.
-                        interval = Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS);
+                        interval = shortest;
                         next_sync = next_sync.min(tokio::time::Instant::now() + interval);
                     }
                     Err(e) => {
@@ -317,14 +315,26 @@ impl Pusher {
     }
 }
 
+/// Compare `peer`'s digest with this replica's index; if they agree, `peer` holds exactly what
+/// the index lists, so record that. Returns the index and whether they agreed.
+fn agree(store: &CrdtStore, peer: ReplicaId, digest: [u8; 32]) -> (Vec<RoomSummary>, bool) {
+    let (all, mine) = store.index_snapshot();
+    let agreed = digest == mine;
+    if agreed {
+        store.record_peer_listing(peer, &all, &RoomId(String::new()), None);
+    }
+    (all, agreed)
+}
+
 /// Handle a replication message from `from` for `store` (the receiving side).
 pub async fn handle(store: &CrdtStore, from: NodeId, message: CrdtMessage, now_ms: u64) -> Result<CrdtAnswer, String> {
     let peer = ReplicaId(from.0);
     match message {
         CrdtMessage::Push(pushes) => {
-            let senders: Vec<(RoomId, RoomSummary)> =
-                pushes.iter().map(|p| (p.room.clone(), p.sender.clone())).collect();
-            let rooms = pushes.into_iter().map(|push| (push.room, push.events, push.side)).collect();
+            let (senders, rooms): (Vec<_>, Vec<_>) = pushes
+                .into_iter()
+                .map(|push| ((push.room.clone(), push.sender), (push.room, push.events, push.side)))
+                .unzip();
             let copies = store.apply_remote_rooms(rooms, now_ms).await.map_err(|e| e.to_string())?;
             for (room, sender) in senders {
                 store.record_peer(peer, &room, &sender.version_vector, Some(sender.side_digest));
@@ -332,17 +342,12 @@ pub async fn handle(store: &CrdtStore, from: NodeId, message: CrdtMessage, now_m
             Ok(CrdtAnswer::Pushed(copies))
         }
         CrdtMessage::Digest(digest) => {
-            let (all, mine) = store.index_snapshot();
-            if digest == mine {
-                store.record_peer_listing(peer, &all, &RoomId(String::new()), None);
-                return Ok(CrdtAnswer::InSync);
-            }
-            Ok(CrdtAnswer::Differs)
+            let (_, agreed) = agree(store, peer, digest);
+            Ok(if agreed { CrdtAnswer::InSync } else { CrdtAnswer::Differs })
         }
         CrdtMessage::Sync { digest, from: start, to, rooms } => {
-            let (all, mine) = store.index_snapshot();
-            if digest == mine {
-                store.record_peer_listing(peer, &all, &RoomId(String::new()), None);
+            let (all, agreed) = agree(store, peer, digest);
+            if agreed {
                 return Ok(CrdtAnswer::InSync);
             }
             store.record_peer_listing(peer, &rooms, &start, to.as_ref());

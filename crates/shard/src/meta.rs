@@ -80,7 +80,7 @@ pub const REQUESTS_REMEMBERED_MAX: usize = 100_000;
 
 /// The outcomes of recent identified requests, oldest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct RecentRequests {
+struct RecentRequests {
     outcomes: BTreeMap<RequestId, Outcome>,
     order: std::collections::VecDeque<(u64, RequestId)>,
 }
@@ -106,13 +106,9 @@ impl RecentRequests {
     }
 
     /// How many outcomes are remembered.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.outcomes.len()
-    }
-
-    /// Whether none is.
-    pub fn is_empty(&self) -> bool {
-        self.outcomes.is_empty()
     }
 }
 

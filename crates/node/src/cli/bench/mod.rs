@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
-use palaver_proto::v1::{LoginRequest, RegisterRequest};
+use palaver_proto::v1::{
+    LoginRequest, PipelineReply, PipelineRequest, RegisterRequest, pipeline_reply, pipeline_request,
+};
+use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 use super::up::{self, NodeProcess};
@@ -102,4 +105,41 @@ async fn login(client: &mut ChatServiceClient<Channel>, user: &str) -> anyhow::R
 fn quantile_ms(sorted: &[Duration], p: f64) -> f64 {
     let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
     sorted.get(index).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// A client's `Pipeline` stream, used with one request in flight at a time.
+struct Pipeline {
+    requests: mpsc::Sender<PipelineRequest>,
+    replies: tonic::Streaming<PipelineReply>,
+    next_id: u64,
+}
+
+impl Pipeline {
+    /// Open a stream on `client` for the user of `token`.
+    async fn open(mut client: ChatServiceClient<Channel>, token: &str) -> anyhow::Result<Self> {
+        let (requests, outgoing) = mpsc::channel(4);
+        let stream = tokio_stream::wrappers::ReceiverStream::new(outgoing);
+        let replies = client.pipeline(authed(stream, token)?).await?.into_inner();
+        Ok(Self { requests, replies, next_id: 0 })
+    }
+
+    /// Send `op` and wait for its reply; a broken stream comes back as its text.
+    async fn call(&mut self, op: pipeline_request::Op) -> Result<pipeline_reply::Result, String> {
+        self.next_id += 1;
+        self.requests
+            .send(PipelineRequest { id: self.next_id, op: Some(op) })
+            .await
+            .map_err(|_| "pipeline closed".to_string())?;
+        loop {
+            let reply = self
+                .replies
+                .message()
+                .await
+                .map_err(|status| format!("{}: {}", status.code(), status.message()))?
+                .ok_or("pipeline ended")?;
+            if reply.id == self.next_id {
+                return reply.result.ok_or_else(|| "empty reply".into());
+            }
+        }
+    }
 }

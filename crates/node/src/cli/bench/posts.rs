@@ -24,13 +24,12 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::{
-    AckLevel, CreateRoomRequest, MessageEventKind, PipelineReply, PipelineRequest, PostRequest, RoomRequest,
-    SubscribeRequest, VersionVector, pipeline_reply, pipeline_request, room_event,
+    AckLevel, CreateRoomRequest, MessageEventKind, PostRequest, RoomRequest, SubscribeRequest, VersionVector,
+    pipeline_reply, pipeline_request, room_event,
 };
-use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use super::{Cluster, ClusterArgs, authed, login, quantile_ms};
+use super::{Cluster, ClusterArgs, Pipeline, authed, login, quantile_ms};
 
 /// Most gRPC streams the bench opens on one connection (servers cap concurrent streams).
 pub const STREAMS_PER_CONNECTION_MAX: usize = 100;
@@ -85,64 +84,48 @@ pub struct PostsBenchArgs {
 /// Channels to the nodes, a new connection every [`STREAMS_PER_CONNECTION_MAX`] streams.
 struct Connections {
     addrs: Vec<String>,
-    open: Vec<(Channel, usize)>,
+    /// Per node: the newest connection and how many streams it carries.
+    open: Vec<Option<(Channel, usize)>>,
 }
 
 impl Connections {
     fn new(addrs: &[String]) -> Self {
-        Self { addrs: addrs.to_vec(), open: Vec::new() }
+        Self { addrs: addrs.to_vec(), open: vec![None; addrs.len()] }
     }
 
     /// A channel to node `node` (index into the addresses) with room for one more stream.
     fn for_stream(&mut self, node: usize) -> anyhow::Result<Channel> {
         let node = node % self.addrs.len();
-        if self.open.len() <= node {
-            self.open
-                .resize_with(self.addrs.len(), || (Channel::from_static("http://[::1]:1").connect_lazy(), usize::MAX));
+        let slot = &mut self.open[node];
+        match slot {
+            Some((channel, streams)) if *streams < STREAMS_PER_CONNECTION_MAX => {
+                *streams += 1;
+                Ok(channel.clone())
+            }
+            _ => {
+                let channel = Channel::from_shared(format!("http://{}", self.addrs[node]))?.connect_lazy();
+                *slot = Some((channel.clone(), 1));
+                Ok(channel)
+            }
         }
-        let (channel, streams) = &mut self.open[node];
-        if *streams >= STREAMS_PER_CONNECTION_MAX {
-            *channel = Channel::from_shared(format!("http://{}", self.addrs[node]))?.connect_lazy();
-            *streams = 0;
-        }
-        *streams += 1;
-        Ok(channel.clone())
     }
 }
 
-/// A posting user: its room and its own Pipeline stream.
+/// A posting user: its room, its own Pipeline stream, and when it may post again.
 struct Poster {
     user: u32,
     room: String,
-    requests: mpsc::Sender<PipelineRequest>,
-    replies: tonic::Streaming<PipelineReply>,
-    next_id: u64,
+    pipeline: Pipeline,
     next_post_at: Instant,
 }
 
 impl Poster {
+    /// Post; a refusal comes back as its error code.
     async fn post(&mut self, body: String, client_message_id: String, ack: AckLevel) -> Result<(), String> {
-        self.next_id += 1;
         let post = PostRequest { room: self.room.clone(), body, client_message_id, ack: ack as i32, seen: None };
-        self.requests
-            .send(PipelineRequest { id: self.next_id, op: Some(pipeline_request::Op::Post(post)) })
-            .await
-            .map_err(|_| "pipeline closed".to_string())?;
-        loop {
-            let reply = self
-                .replies
-                .message()
-                .await
-                .map_err(|status| format!("{}: {}", status.code(), status.message()))?
-                .ok_or("pipeline ended")?;
-            if reply.id != self.next_id {
-                continue;
-            }
-            return match reply.result {
-                Some(pipeline_reply::Result::Error(e)) => Err(e.code),
-                Some(_) => Ok(()),
-                None => Err("empty reply".into()),
-            };
+        match self.pipeline.call(pipeline_request::Op::Post(post)).await? {
+            pipeline_reply::Result::Error(e) => Err(e.code),
+            _ => Ok(()),
         }
     }
 }
@@ -194,14 +177,14 @@ fn parse_body(body: &str) -> Option<(u32, u64, u64)> {
 
 /// Follow one room for one subscriber, recording every bench post into slot `index`.
 async fn follow(
-    connections_channel: Channel,
+    channel: Channel,
     token: String,
     room: String,
     index: usize,
     epoch: Instant,
     deliveries: Arc<Deliveries>,
 ) {
-    let mut client = ChatServiceClient::new(connections_channel).max_decoding_message_size(64 * 1024 * 1024);
+    let mut client = ChatServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let mut have: BTreeMap<u64, u64> = BTreeMap::new();
     let mut first = true;
     loop {
@@ -346,16 +329,11 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
     // Posting users' pipelines.
     let mut posters = Vec::with_capacity(args.users);
     for (u, token) in tokens.iter().take(args.users).enumerate() {
-        let mut client = ChatServiceClient::new(connections.for_stream(u % nodes)?);
-        let (requests, outgoing) = mpsc::channel(4);
-        let stream = tokio_stream::wrappers::ReceiverStream::new(outgoing);
-        let replies = client.pipeline(authed(stream, token)?).await?.into_inner();
+        let client = ChatServiceClient::new(connections.for_stream(u % nodes)?);
         posters.push(Poster {
             user: u32::try_from(u)?,
             room: rooms[u % rooms.len()].clone(),
-            requests,
-            replies,
-            next_id: 0,
+            pipeline: Pipeline::open(client, token).await?,
             next_post_at: Instant::now(),
         });
     }
@@ -409,7 +387,7 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
                     match poster.post(text, format!("{run}-{seq}"), ack).await {
                         Ok(()) => {
                             latencies.push(sent.elapsed());
-                            acked.push(((poster.user) as usize, key(poster.user, seq)));
+                            acked.push((poster.user as usize, key(poster.user, seq)));
                         }
                         Err(error) => *errors.entry(error).or_default() += 1,
                     }

@@ -11,13 +11,10 @@ use anyhow::Context;
 use clap::Args;
 use palaver_proto::v1::admin_service_client::AdminServiceClient;
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
-use palaver_proto::v1::{
-    CreateRoomRequest, PipelineReply, PipelineRequest, RoomRequest, StatusRequest, pipeline_reply, pipeline_request,
-};
-use tokio::sync::mpsc;
+use palaver_proto::v1::{CreateRoomRequest, RoomRequest, StatusRequest, pipeline_reply, pipeline_request};
 use tonic::transport::Channel;
 
-use super::{Cluster, ClusterArgs, authed, login, quantile_ms};
+use super::{Cluster, ClusterArgs, Pipeline, authed, login, quantile_ms};
 
 #[derive(Debug, Args)]
 pub struct RaftBenchArgs {
@@ -151,19 +148,16 @@ async fn leaders_of(addrs: &[String], rooms: &[String]) -> anyhow::Result<Vec<us
 
 /// One bench client's way of writing: its own `Pipeline` stream, or unary calls.
 enum Writer {
-    Pipeline { requests: mpsc::Sender<PipelineRequest>, replies: tonic::Streaming<PipelineReply>, next_id: u64 },
+    Pipeline(Pipeline),
     Unary { client: ChatServiceClient<Channel>, token: String },
 }
 
 impl Writer {
-    async fn open(mut client: ChatServiceClient<Channel>, token: String, unary: bool) -> anyhow::Result<Self> {
+    async fn open(client: ChatServiceClient<Channel>, token: String, unary: bool) -> anyhow::Result<Self> {
         if unary {
             return Ok(Writer::Unary { client, token });
         }
-        let (requests, outgoing) = mpsc::channel(16);
-        let replies =
-            client.pipeline(authed(tokio_stream::wrappers::ReceiverStream::new(outgoing), &token)?).await?.into_inner();
-        Ok(Writer::Pipeline { requests, replies, next_id: 0 })
+        Ok(Writer::Pipeline(Pipeline::open(client, &token).await?))
     }
 
     /// Join (or leave) `room`; an error comes back as its text.
@@ -175,27 +169,11 @@ impl Writer {
                 let result = if join { client.join(request).await } else { client.leave(request).await };
                 result.map(|_| ()).map_err(|status| format!("{}: {}", status.code(), status.message()))
             }
-            Writer::Pipeline { requests, replies, next_id } => {
-                *next_id += 1;
+            Writer::Pipeline(pipeline) => {
                 let op = if join { pipeline_request::Op::Join(request) } else { pipeline_request::Op::Leave(request) };
-                requests
-                    .send(PipelineRequest { id: *next_id, op: Some(op) })
-                    .await
-                    .map_err(|_| "pipeline closed".to_string())?;
-                loop {
-                    let reply = replies
-                        .message()
-                        .await
-                        .map_err(|status| format!("{}: {}", status.code(), status.message()))?
-                        .ok_or("pipeline ended")?;
-                    if reply.id != *next_id {
-                        continue;
-                    }
-                    return match reply.result {
-                        Some(pipeline_reply::Result::Error(e)) => Err(format!("{}: {}", e.code, e.message)),
-                        Some(_) => Ok(()),
-                        None => Err("empty reply".into()),
-                    };
+                match pipeline.call(op).await? {
+                    pipeline_reply::Result::Error(e) => Err(format!("{}: {}", e.code, e.message)),
+                    _ => Ok(()),
                 }
             }
         }
