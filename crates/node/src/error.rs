@@ -12,14 +12,15 @@ pub const ERROR_CODE_METADATA_KEY: &str = "palaver-error";
 /// Metadata key that carries the wait, in ms, of a `rate_limited` error.
 pub const RETRY_AFTER_METADATA_KEY: &str = "retry-after-ms";
 
-/// A failure reported to a client.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A failure reported to a client. Serializable: a replica's answer to another node's client
+/// carries it unchanged (see [`crate::remote`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ApiError {
     /// The request is malformed or breaks a limit; fix it before retrying.
     #[error("invalid {field}: {reason}")]
     InvalidInput {
         /// The offending field.
-        field: &'static str,
+        field: std::borrow::Cow<'static, str>,
         /// What is wrong with it.
         reason: String,
     },
@@ -68,7 +69,7 @@ pub enum ApiError {
 impl ApiError {
     /// A field that breaks a rule.
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        ApiError::InvalidInput { field, reason: reason.into() }
+        ApiError::InvalidInput { field: std::borrow::Cow::Borrowed(field), reason: reason.into() }
     }
 
     /// Whether the same request may succeed later unchanged.

@@ -393,12 +393,28 @@ impl AdminService for AdminApi {
                 (s, pb::ShardStatus { shard: s, placement, ..Default::default() })
             })
             .collect();
+        for (shard, record) in crate::directory::directory_view(&self.node).await {
+            let Some(entry) = shards.get_mut(&shard.0) else { continue };
+            entry.directory = Some(match record {
+                Some(record) => pb::DirectoryRecord {
+                    found: true,
+                    replicas: record.replicas.iter().map(|n| n.0).collect(),
+                    leader: record.leader.map_or(0, |n| n.0),
+                    term: record.epoch.term,
+                    config_index: record.epoch.config_index,
+                },
+                None => pb::DirectoryRecord::default(),
+            });
+        }
         let mut node_list = Vec::new();
         for (id, report) in &reports {
             node_list.push(pb::NodeStatus {
                 node_id: id.0,
                 grpc_addr: nodes.get(id).cloned().unwrap_or_default(),
                 reachable: report.is_some(),
+                peer_id: report.as_ref().map(|r| r.peer_id.clone()).unwrap_or_default(),
+                p2p_addrs: report.as_ref().map(|r| r.p2p_addrs.clone()).unwrap_or_default(),
+                dht_peers: report.as_ref().map(|r| r.dht_peers.clone()).unwrap_or_default(),
             });
             for local in report.iter().flat_map(|r| r.shards.iter()) {
                 let Some(entry) = shards.get_mut(&local.shard) else { continue };
@@ -418,6 +434,7 @@ impl AdminService for AdminApi {
             answered_by: self.node.id.0,
             nodes: node_list,
             shards: shards.into_values().collect(),
+            routes: Some(self.node.directory.counters()),
         }))
     }
 }
@@ -457,10 +474,17 @@ fn local_status(node: &NodeInner) -> pb::LocalStatusReply {
                 last_applied_index: report.last_applied_index,
                 placement: Vec::new(),
                 replicas: vec![report],
+                directory: None,
             }
         })
         .collect();
-    pb::LocalStatusReply { node_id: node.id.0, shards }
+    pb::LocalStatusReply {
+        node_id: node.id.0,
+        shards,
+        peer_id: node.directory.peer_id(),
+        p2p_addrs: node.directory.p2p_addrs(),
+        dht_peers: node.directory.dht_peers(),
+    }
 }
 
 /// A Raft message waiting for its group's turn on a link, with its in-flight permit.
@@ -524,6 +548,10 @@ impl PeerApi {
                 Some(Call::Forward(request)) => self.forward(request).await.map(Answer::Forward),
                 Some(Call::Read(request)) => self.read(request).await.map(Answer::Read),
                 Some(Call::Crdt(request)) => self.crdt(request).await.map(Answer::Crdt),
+                Some(Call::Client(frame)) => {
+                    let ops = crate::ops::Ops::new(self.node.clone());
+                    crate::remote::answer(&ops, &frame).await.map(Answer::Client).map_err(Status::from)
+                }
                 None => Err(Status::invalid_argument("empty link call")),
             }
         };
@@ -707,6 +735,7 @@ impl PeerService for PeerApi {
             cluster_id: identity.cluster_id.clone(),
             token_secret: identity.token_secret.clone(),
             shard_count: identity.shard_count,
+            p2p_addrs: self.node.directory.p2p_addrs(),
         }))
     }
 
@@ -719,7 +748,20 @@ impl PeerService for PeerApi {
             Some(info) => keys::encode(info).map_err(|e| Status::internal(e.to_string()))?,
             None => Vec::new(),
         };
-        Ok(Response::new(pb::ClusterMapReply { cluster, applied_index: view.applied_index }))
+        Ok(Response::new(pb::ClusterMapReply {
+            cluster,
+            applied_index: view.applied_index,
+            p2p_addrs: self.node.directory.p2p_addrs(),
+        }))
+    }
+
+    type FollowStream = crate::subscribe::EventStream;
+
+    async fn follow(&self, request: Request<pb::FollowRequest>) -> Result<Response<Self::FollowStream>, Status> {
+        let request = request.into_inner();
+        let have = convert::version_vector_from_pb(request.have.as_ref());
+        let ops = crate::ops::Ops::new(self.node.clone());
+        Ok(Response::new(ops.follow(&request.room, have).await?))
     }
 
     async fn local_status(

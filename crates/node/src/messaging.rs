@@ -13,8 +13,8 @@
 //! a member is confirmed with the leader before being refused; if no leader answers within
 //! [`MEMBERSHIP_CONFIRM_TIMEOUT_MS`] (a partition), the local answer stands.
 //!
-//! Non-goal (here): a node that holds no replica of the room's shard answers `unavailable`;
-//! forwarding CRDT operations to a replica belongs to the routing plane.
+//! A node that holds no replica of the room's shard sends the operation to one that does
+//! ([`crate::remote`]), which runs the same method here.
 
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use crate::error::ApiError;
 use crate::limits;
 use crate::ops::Ops;
 use crate::query::{Answer, Query};
+use crate::remote::{self, ClientAnswer, ClientOp};
 use crate::routing;
 
 /// How long a `quorum` write waits for a second replica before answering `quorum_timeout`.
@@ -34,7 +35,7 @@ pub const QUORUM_ACK_TIMEOUT_MS: u64 = 5_000;
 pub const MEMBERSHIP_CONFIRM_TIMEOUT_MS: u64 = 1_000;
 
 /// How durable a write must be before it is acknowledged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum AckLevel {
     /// Fsynced on the accepting replica.
     One,
@@ -44,7 +45,7 @@ pub enum AckLevel {
 }
 
 /// What a write reached.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WriteAck {
     /// What was written (or found, for a retried post).
     pub written: Written,
@@ -53,7 +54,7 @@ pub struct WriteAck {
 }
 
 /// What a client may change in a room besides messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SideWrite {
     /// Presence in the room.
     Presence(PresenceStatus),
@@ -64,7 +65,7 @@ pub enum SideWrite {
 }
 
 /// A page of history.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HistoryPage {
     /// The messages, in the order asked for.
     pub messages: Vec<palaver_crdt::Message>,
@@ -86,13 +87,13 @@ pub fn message_id(hex: &str) -> Result<MessageId, ApiError> {
 }
 
 impl Ops {
-    /// This node's replica of `room`'s shard.
-    fn local_replica(&self, room: &RoomId) -> Result<Replica, ApiError> {
-        let shard = self.node().ring.shard_of_room(room);
-        self.node().replicas.get(shard).ok_or_else(|| ApiError::Unavailable {
-            shard: shard.0,
-            reason: format!("node {} holds no replica of shard {shard}; connect to a node that does", self.node().id),
-        })
+    /// This node's replica of `room`'s shard, if it holds one.
+    pub fn local_replica(&self, room: &RoomId) -> Option<Replica> {
+        self.node().replicas.get(self.node().ring.shard_of_room(room))
+    }
+
+    async fn forward(&self, user: &UserName, room: &RoomId, op: ClientOp) -> Result<ClientAnswer, ApiError> {
+        remote::forward(self.node(), user, room, op).await
     }
 
     /// `user`'s role in `room`, from the local replica, confirmed with the leader if the local
@@ -147,7 +148,10 @@ impl Ops {
         let body = limits::body(body)?;
         let client_message_id =
             limits::token("client_message_id", client_message_id, limits::CLIENT_MESSAGE_ID_BYTES_MAX)?;
-        let replica = self.local_replica(&room)?;
+        let Some(replica) = self.local_replica(&room) else {
+            let op = ClientOp::Post { body, client_message_id, ack, seen };
+            return self.forward(user, &room, op).await?.write();
+        };
         self.member_role(&replica, &room, user).await?;
         self.node().rate_limiter.take(user, self.node().now_ms())?;
         let message_id = MessageId::derive(&room, user, &client_message_id);
@@ -167,7 +171,9 @@ impl Ops {
         let room = limits::room_id(room)?;
         let message_id = message_id(id)?;
         let body = limits::body(body)?;
-        let replica = self.local_replica(&room)?;
+        let Some(replica) = self.local_replica(&room) else {
+            return self.forward(user, &room, ClientOp::Edit { id: id.to_owned(), body, ack }).await?.write();
+        };
         self.member_role(&replica, &room, user).await?;
         self.node().rate_limiter.take(user, self.node().now_ms())?;
         let author = self.message_author(&replica, &room, &message_id).await?;
@@ -181,7 +187,9 @@ impl Ops {
     pub async fn redact(&self, user: &UserName, room: &str, id: &str, ack: AckLevel) -> Result<WriteAck, ApiError> {
         let room = limits::room_id(room)?;
         let message_id = message_id(id)?;
-        let replica = self.local_replica(&room)?;
+        let Some(replica) = self.local_replica(&room) else {
+            return self.forward(user, &room, ClientOp::Redact { id: id.to_owned(), ack }).await?.write();
+        };
         let role = self.member_role(&replica, &room, user).await?;
         self.node().rate_limiter.take(user, self.node().now_ms())?;
         let author = self.message_author(&replica, &room, &message_id).await?;
@@ -204,7 +212,10 @@ impl Ops {
         let room = limits::room_id(room)?;
         let message_id = message_id(id)?;
         let reaction = limits::token("reaction", reaction, limits::REACTION_BYTES_MAX)?;
-        let replica = self.local_replica(&room)?;
+        let Some(replica) = self.local_replica(&room) else {
+            let op = ClientOp::React { id: id.to_owned(), reaction, remove, ack };
+            return self.forward(user, &room, op).await?.write();
+        };
         self.member_role(&replica, &room, user).await?;
         self.node().rate_limiter.take(user, self.node().now_ms())?;
         self.message_author(&replica, &room, &message_id).await?;
@@ -248,7 +259,13 @@ impl Ops {
             }
             n => n,
         };
-        let replica = self.local_replica(&room)?;
+        let Some(replica) = self.local_replica(&room) else {
+            let op = ClientOp::History { before, after, limit, oldest_first };
+            return match self.forward(user, &room, op).await? {
+                ClientAnswer::History(page) => Ok(page),
+                other => Err(ApiError::Internal(format!("replica answered {other:?} to a history call"))),
+            };
+        };
         self.member_role(&replica, &room, user).await?;
         let cell = replica.crdt.room(&room).await?;
         let state = cell.lock();
@@ -262,7 +279,10 @@ impl Ops {
     /// Change the caller's presence, typing or read marker in `room`.
     pub async fn side_write(&self, user: &UserName, room: &str, write: SideWrite) -> Result<(), ApiError> {
         let room = limits::room_id(room)?;
-        let replica = self.local_replica(&room)?;
+        let Some(replica) = self.local_replica(&room) else {
+            self.forward(user, &room, ClientOp::Side(write)).await?;
+            return Ok(());
+        };
         self.member_role(&replica, &room, user).await?;
         let now_ms = self.node().now_ms();
         let hlc = replica.crdt.tick(now_ms);
@@ -293,10 +313,14 @@ impl Ops {
         Ok(rooms)
     }
 
-    /// Messages in `room` after `user`'s read marker that others posted (0 if this node holds no
-    /// replica of the room's shard).
+    /// Messages in `room` after `user`'s read marker that others posted.
     pub async fn unread_count(&self, user: &UserName, room: &RoomId) -> Result<u64, ApiError> {
-        let Ok(replica) = self.local_replica(room) else { return Ok(0) };
+        let Some(replica) = self.local_replica(room) else {
+            return match self.forward(user, room, ClientOp::Unread).await? {
+                ClientAnswer::Unread(count) => Ok(count),
+                other => Err(ApiError::Internal(format!("replica answered {other:?} to an unread count"))),
+            };
+        };
         let cell = replica.crdt.room(room).await?;
         let state = cell.lock();
         Ok(state.side.markers.unread_count(user, &state.log))

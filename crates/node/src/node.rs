@@ -33,9 +33,10 @@ pub enum Bootstrap {
         /// Number of data shards (fixed for the cluster's life).
         shard_count: u32,
     },
-    /// Join the cluster that the node at this gRPC address belongs to.
+    /// Join the cluster that the node at this address belongs to.
     Join {
-        /// Any running node's gRPC address.
+        /// Any running node's gRPC address (`host:port`) or libp2p multiaddr
+        /// (`/ip4/…/tcp/…/p2p/<peer id>`).
         seed: String,
     },
     /// Resume from the data directory; fail if it holds no identity.
@@ -53,6 +54,9 @@ pub struct NodeConfig {
     pub bootstrap: Bootstrap,
     /// Replica tunables.
     pub replica: ReplicaOptions,
+    /// Where the libp2p swarm listens (a multiaddr; port 0 picks one). `None` runs the node
+    /// without a DHT: routes then come from the meta group alone.
+    pub p2p_listen: Option<String>,
 }
 
 /// Errors that stop a node from starting.
@@ -98,11 +102,14 @@ pub struct NodeInner {
     pub rate_limiter: crate::limits::RateLimiter,
     /// CRDT pushers, one per (local replica, peer).
     pub replication: crate::replication::Replication,
+    /// The routing plane: the DHT, the route cache, what this node publishes.
+    pub directory: crate::directory::Directory,
+    /// Room feeds for local subscribers of rooms this node holds no replica of.
+    pub feeds: crate::feed::Feeds,
     /// Random per start: with `request_seq`, identifies the commands this node submits.
     request_boot: u64,
     request_seq: std::sync::atomic::AtomicU64,
     view: RwLock<ClusterView>,
-    leader_hints: Mutex<BTreeMap<ShardId, NodeId>>,
     membership_changes: Mutex<BTreeSet<ShardId>>,
     subscriptions: Mutex<BTreeMap<UserName, BTreeMap<RoomId, usize>>>,
 }
@@ -144,16 +151,12 @@ impl NodeInner {
 
     /// The last leader seen for `shard`.
     pub fn leader_hint(&self, shard: ShardId) -> Option<NodeId> {
-        self.leader_hints.lock().unwrap_or_else(|p| p.into_inner()).get(&shard).copied()
+        self.directory.cache.peek(shard).and_then(|route| route.leader)
     }
 
     /// Remember (or forget) the leader of `shard`.
     pub fn set_leader_hint(&self, shard: ShardId, leader: Option<NodeId>) {
-        let mut hints = self.leader_hints.lock().unwrap_or_else(|p| p.into_inner());
-        match leader {
-            Some(leader) => hints.insert(shard, leader),
-            None => hints.remove(&shard),
-        };
+        self.directory.cache.set_leader(shard, leader);
     }
 
     pub(crate) fn begin_membership_change(&self, shard: ShardId) -> bool {
@@ -218,7 +221,13 @@ impl Node {
         engine.sync()?;
         let group_commit = GroupCommit::start(engine.clone());
         let identity = NodeIdentity::load(engine.as_ref())?;
+        let boot = crate::directory::next_boot(engine.as_ref())?;
+        let dht = match &config.p2p_listen {
+            Some(listen) => Some(start_dht(engine.as_ref(), &env, listen).await?),
+            None => None,
+        };
         let mut seeds = Vec::new();
+        let mut p2p_seeds = Vec::new();
         let (identity, replicas) = match (identity, &config.bootstrap) {
             (Some(identity), _) => {
                 let peers = Arc::new(Peers::new(identity.node_id.0, env.dialer.clone()));
@@ -231,8 +240,19 @@ impl Node {
                 init_cluster(&config, &env, engine.clone(), group_commit, *shard_count).await?
             }
             (None, Bootstrap::Join { seed }) => {
+                let seed = if seed.starts_with('/') {
+                    let dht = dht.as_ref().ok_or_else(|| {
+                        NodeError::Bootstrap(format!(
+                            "--join {seed} is a multiaddr: the node needs its DHT (--p2p-addr)"
+                        ))
+                    })?;
+                    crate::directory::grpc_addr_behind(dht, seed).await.map_err(NodeError::Bootstrap)?
+                } else {
+                    seed.clone()
+                };
                 seeds.push(seed.clone());
-                let identity = join_cluster(&config, &env, seed).await?;
+                let (identity, seed_p2p) = join_cluster(&config, &env, &seed).await?;
+                p2p_seeds = seed_p2p;
                 identity.store(engine.as_ref())?;
                 let peers = Arc::new(Peers::new(identity.node_id.0, env.dialer.clone()));
                 let replicas = ReplicaSet::new(identity.node_id, engine.clone(), group_commit, peers, config.replica);
@@ -246,6 +266,10 @@ impl Node {
             }
         };
         let request_boot = u64::from_be_bytes(env.rng.bytes(8).try_into().unwrap_or([0; 8]));
+        let directory = crate::directory::Directory::new(dht, &identity.token_secret, boot);
+        if let Some(dht) = &directory.dht {
+            crate::directory::dial_all(dht, &p2p_seeds).await;
+        }
         let inner = Arc::new(NodeInner {
             id: identity.node_id,
             ring: ShardRing::new(identity.shard_count),
@@ -257,10 +281,11 @@ impl Node {
             seeds,
             rate_limiter: crate::limits::RateLimiter::default(),
             replication: crate::replication::Replication::default(),
+            directory,
+            feeds: crate::feed::Feeds::default(),
             request_boot,
             request_seq: std::sync::atomic::AtomicU64::new(0),
             view: RwLock::new(ClusterView::default()),
-            leader_hints: Mutex::new(BTreeMap::new()),
             membership_changes: Mutex::new(BTreeSet::new()),
             subscriptions: Mutex::new(BTreeMap::new()),
         });
@@ -309,6 +334,8 @@ async fn reconcile_loop(node: Arc<NodeInner>, mut stopped: watch::Receiver<bool>
             _ = tick.tick() => {
                 cluster::reconcile_once(&node).await;
                 node.replication.ensure_pushers(&node, &stopped);
+                crate::directory::publish(&node).await;
+                crate::directory::keep_connected(&node).await;
             }
             _ = stopped.changed() => return,
         }
@@ -385,7 +412,25 @@ async fn init_cluster(
 /// Time a joining node keeps retrying its seed.
 pub const JOIN_DEADLINE_MS: u64 = 30_000;
 
-async fn join_cluster(config: &NodeConfig, env: &NodeEnv, seed: &str) -> Result<NodeIdentity, NodeError> {
+/// Start the node's swarm on `listen` with its persistent key.
+async fn start_dht(engine: &dyn KvEngine, env: &NodeEnv, listen: &str) -> Result<palaver_router::Dht, NodeError> {
+    let keypair = crate::directory::load_or_create_key(engine, &env.rng)?;
+    let listen = listen.parse().map_err(|e| NodeError::Server(format!("--p2p-addr {listen}: {e}")))?;
+    let config = palaver_router::DhtConfig {
+        keypair,
+        listen,
+        seal: None,
+        agent: format!("palaver/{}", env!("CARGO_PKG_VERSION")),
+    };
+    palaver_router::Dht::start(config).await.map_err(|e| NodeError::Server(e.to_string()))
+}
+
+/// Join through `seed`; returns the identity and the seed's libp2p addresses.
+async fn join_cluster(
+    config: &NodeConfig,
+    env: &NodeEnv,
+    seed: &str,
+) -> Result<(NodeIdentity, Vec<String>), NodeError> {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(JOIN_DEADLINE_MS);
     let mut last_error = String::new();
     while tokio::time::Instant::now() < deadline {
@@ -395,12 +440,13 @@ async fn join_cluster(config: &NodeConfig, env: &NodeEnv, seed: &str) -> Result<
             Ok(reply) => {
                 let reply = reply.into_inner();
                 tracing::info!(node = reply.node_id, %seed, "joined the cluster");
-                return Ok(NodeIdentity {
+                let identity = NodeIdentity {
                     node_id: NodeId(reply.node_id),
                     cluster_id: reply.cluster_id,
                     token_secret: reply.token_secret,
                     shard_count: reply.shard_count,
-                });
+                };
+                return Ok((identity, reply.p2p_addrs));
             }
             Err(status) => {
                 last_error = status.message().to_owned();

@@ -168,6 +168,14 @@ impl PeerLink {
         }
     }
 
+    /// Run a framed client operation ([`crate::remote::ClientCall`]) on the peer.
+    pub async fn client_op(&self, frame: Vec<u8>) -> Result<Vec<u8>, PeerError> {
+        match self.call(link_call::Body::Client(frame)).await? {
+            link_answer::Body::Client(bytes) => Ok(bytes),
+            _ => Err(self.unexpected()),
+        }
+    }
+
     /// A CRDT replication message for the peer's replica of a shard.
     pub async fn crdt(&self, request: CrdtRequest) -> Result<CrdtReply, PeerError> {
         match self.call(link_call::Body::Crdt(request)).await? {

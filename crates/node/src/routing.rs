@@ -1,8 +1,10 @@
 //! Getting a command or a read to the leader of its shard, from any node.
 //!
-//! The node tries, in order: itself if it leads the shard, the last leader it saw, then the
-//! shard's placement. A replica that does not lead answers with a redirect naming the leader
-//! it knows; an unreachable node is skipped. The loop retries with backoff until
+//! The node tries, in order: itself if it leads the shard, the leader its route names (the
+//! route cache, else the shard's directory record in the DHT, else the meta group's placement:
+//! [`crate::directory::resolve_shard`]), then the route's other replicas and the placement. A
+//! replica that does not lead answers with a redirect naming the leader it knows, which
+//! corrects the cached route; an unreachable node is moved last in it. The loop retries with backoff until
 //! [`ROUTE_DEADLINE_MS`], long enough to ride out an election, so a client does not see a
 //! leader change as an error.
 //!
@@ -116,7 +118,7 @@ pub async fn submit(node: &Arc<NodeInner>, shard: ShardId, command: Command) -> 
                     Err(LocalError::Api(e)) => Attempt::Failed(e),
                 };
             }
-            let Some(link) = link_to(node, target) else { return Attempt::Redirected(None) };
+            let Some(link) = link_to(node, target).await else { return Attempt::Redirected(None) };
             match link.forward(ForwardRequest { shard: shard.0, command: frame }).await {
                 Ok(reply) => match reply.result {
                     Some(forward_reply::Result::Outcome(bytes)) => match keys::decode(&bytes) {
@@ -157,7 +159,7 @@ pub async fn read(node: &Arc<NodeInner>, shard: ShardId, query: Query) -> Result
                     Err(LocalError::Api(e)) => Attempt::Failed(e),
                 };
             }
-            let Some(link) = link_to(node, target) else { return Attempt::Redirected(None) };
+            let Some(link) = link_to(node, target).await else { return Attempt::Redirected(None) };
             match link.read(ReadRequest { shard: shard.0, query: frame }).await {
                 Ok(reply) => match reply.result {
                     Some(read_reply::Result::Answer(bytes)) => match keys::decode(&bytes) {
@@ -176,8 +178,8 @@ pub async fn read(node: &Arc<NodeInner>, shard: ShardId, query: Query) -> Result
     .await
 }
 
-fn link_to(node: &NodeInner, target: NodeId) -> Option<crate::peer::PeerLink> {
-    let addr = node.view().nodes().get(&target).cloned()?;
+async fn link_to(node: &NodeInner, target: NodeId) -> Option<crate::peer::PeerLink> {
+    let addr = crate::directory::node_addr(node, target).await?;
     node.replicas.peers().link(&addr).ok()
 }
 
@@ -191,8 +193,9 @@ where
     let mut backoff_ms = ROUTE_BACKOFF_MS_MIN;
     let mut rotation = 0usize;
     let mut next: Option<NodeId> = None;
+    let mut route = crate::directory::resolve_shard(node, shard).await.replicas;
     loop {
-        let target = next.take().or_else(|| pick_target(node, shard, &mut rotation));
+        let target = next.take().or_else(|| pick_target(node, shard, &route, &mut rotation));
         if let Some(target) = target {
             match attempt(target).await {
                 Attempt::Done(value) => {
@@ -205,7 +208,15 @@ where
                     next = Some(hint);
                     continue;
                 }
-                Attempt::Redirected(_) => node.set_leader_hint(shard, None),
+                Attempt::Redirected(_) => {
+                    node.directory.cache.node_failed(shard, target);
+                    if rotation >= route.len().max(1) * 2 {
+                        // A full round failed: the route may be stale; resolve it again.
+                        node.directory.cache.invalidate(shard);
+                        route = crate::directory::resolve_shard(node, shard).await.replicas;
+                        rotation = 0;
+                    }
+                }
             }
         } else if node.view().info.is_none() {
             // No cluster view yet (a node that just started): fetch one.
@@ -219,15 +230,21 @@ where
     }
 }
 
-/// The next node to try for `shard`: the local leader, the hint, then placement in rotation.
-fn pick_target(node: &NodeInner, shard: ShardId, rotation: &mut usize) -> Option<NodeId> {
+/// The next node to try for `shard`: the local leader, the hint, then the route's replicas and
+/// the placement in rotation.
+fn pick_target(node: &NodeInner, shard: ShardId, route: &[NodeId], rotation: &mut usize) -> Option<NodeId> {
     if node.replicas.get(shard).is_some_and(|r| r.raft.is_leader()) {
         return Some(node.id);
     }
     if let Some(hint) = node.leader_hint(shard) {
         return Some(hint);
     }
-    let mut candidates = node.view().placement(shard);
+    let mut candidates = route.to_vec();
+    for placed in node.view().placement(shard) {
+        if !candidates.contains(&placed) {
+            candidates.push(placed);
+        }
+    }
     if let Some(replica) = node.replicas.get(shard) {
         // The group's actual voters may differ from placement while a change is under way.
         let metrics = replica.raft.metrics();

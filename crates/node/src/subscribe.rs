@@ -11,6 +11,10 @@
 //!
 //! A subscriber whose membership ends (left, kicked, banned, room deleted) is sent that change
 //! and then the stream ends with `not_member`.
+//!
+//! The same code serves another node's [`Ops::follow`] (`PeerService.Follow`): a subscription
+//! without a user, which that node fans out to its own subscribers ([`crate::feed`]). On a node
+//! that holds no replica of the room's shard, [`Ops::subscribe`] goes through that feed.
 
 use std::sync::Arc;
 
@@ -20,6 +24,16 @@ use palaver_proto::v1 as pb;
 use palaver_shard::crdt_store::SideChange;
 use palaver_shard::state_machine::AppliedCommand;
 use palaver_shard::{Command, Outcome, Refusal, Replica};
+
+/// Whether a membership `change` of `user` ends the subscription of `subscriber` (`None`: a
+/// node's feed, which only a deleted room ends).
+pub fn membership_ends(change: &str, user: &UserName, subscriber: Option<&UserName>) -> bool {
+    match change {
+        "deleted" => true,
+        "left" | "kicked" | "banned" => subscriber == Some(user),
+        _ => false,
+    }
+}
 use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
@@ -41,19 +55,41 @@ impl Ops {
     /// Subscribe `user` to `room`, resuming after `have`.
     pub async fn subscribe(&self, user: &UserName, room: &str, have: VersionVector) -> Result<EventStream, ApiError> {
         let room = limits::room_id(room)?;
-        let shard = self.node().ring.shard_of_room(&room);
-        let replica = self.node().replicas.get(shard).ok_or_else(|| ApiError::Unavailable {
-            shard: shard.0,
-            reason: format!("node {} holds no replica of shard {shard}; connect to a node that does", self.node().id),
-        })?;
+        let Some(replica) = self.local_replica(&room) else {
+            return crate::feed::subscribe(self, user, room, have).await;
+        };
         // Watch membership before checking it, so that no change between the check and the
         // stream's start goes unseen.
         let applied = replica.state.watch_applied();
         self.member_role(&replica, &room, user).await?;
+        Ok(self.spawn_subscription(replica, room, Some(user.clone()), have, applied))
+    }
+
+    /// Another node's feed of `room`, resuming after `have` (no user: that node checks its own
+    /// subscribers).
+    pub async fn follow(&self, room: &str, have: VersionVector) -> Result<EventStream, ApiError> {
+        let room = limits::room_id(room)?;
+        let shard = self.node().ring.shard_of_room(&room);
+        let replica = self.local_replica(&room).ok_or_else(|| ApiError::Unavailable {
+            shard: shard.0,
+            reason: format!("node {} holds no replica of shard {shard}", self.node().id),
+        })?;
+        let applied = replica.state.watch_applied();
+        Ok(self.spawn_subscription(replica, room, None, have, applied))
+    }
+
+    fn spawn_subscription(
+        &self,
+        replica: Replica,
+        room: RoomId,
+        user: Option<UserName>,
+        have: VersionVector,
+        applied: broadcast::Receiver<Arc<AppliedCommand>>,
+    ) -> EventStream {
         let (sender, receiver) = mpsc::channel(SUBSCRIPTION_QUEUE_EVENTS);
-        let subscription = Subscription { node: self.node().clone(), replica, room, user: user.clone(), have, sender };
+        let subscription = Subscription { node: self.node().clone(), replica, room, user, have, sender };
         tokio::spawn(subscription.run(applied));
-        Ok(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        tokio_stream::wrappers::ReceiverStream::new(receiver)
     }
 }
 
@@ -61,7 +97,8 @@ struct Subscription {
     node: Arc<NodeInner>,
     replica: Replica,
     room: RoomId,
-    user: UserName,
+    /// The subscriber; `None` for another node's feed.
+    user: Option<UserName>,
     have: VersionVector,
     sender: mpsc::Sender<Result<pb::RoomEvent, Status>>,
 }
@@ -76,7 +113,7 @@ enum End {
 
 impl Subscription {
     async fn run(mut self, applied: broadcast::Receiver<Arc<AppliedCommand>>) {
-        let _registered = self.node.register_subscription(&self.user, &self.room);
+        let _registered = self.user.as_ref().map(|user| self.node.register_subscription(user, &self.room));
         if let End::Error(status) = self.serve(applied).await {
             let _ = self.sender.send(Err(status)).await;
         }
@@ -185,13 +222,9 @@ impl Subscription {
             role: convert::role_to_pb(role),
         };
         self.send(pb::room_event::Event::Membership(event)).await?;
-        let removed = match change {
-            "deleted" => true,
-            "left" | "kicked" | "banned" => *user == self.user,
-            _ => false,
-        };
-        if removed {
-            let refusal = Refusal::NotMember { room: self.room.clone(), user: self.user.clone() };
+        if membership_ends(change, user, self.user.as_ref()) {
+            let subscriber = self.user.clone().unwrap_or_else(|| UserName(String::new()));
+            let refusal = Refusal::NotMember { room: self.room.clone(), user: subscriber };
             return Err(End::Error(ApiError::Refused(refusal).into()));
         }
         Ok(())

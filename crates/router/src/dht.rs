@@ -39,6 +39,9 @@ pub const RECORD_TTL_SECS: u64 = 600;
 pub const QUERY_TIMEOUT_MS: u64 = 5_000;
 /// How often the routing table is refreshed with a bootstrap query.
 pub const BOOTSTRAP_INTERVAL_SECS: u64 = 30;
+/// Once a get found a first value, how long it waits for more before answering with what it
+/// has (a query that still waits on a dead peer must not hold routing up).
+pub const GET_PATIENCE_MS: u64 = 300;
 /// Connections without traffic close after this long.
 const IDLE_CONNECTION_SECS: u64 = 300;
 /// Most records one node stores (node and shard records of a large cluster fit many times).
@@ -99,7 +102,7 @@ pub struct DhtConfig {
 enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), DhtError>>),
     Put(Vec<u8>, Vec<u8>, oneshot::Sender<Result<(), DhtError>>),
-    Get(Vec<u8>, oneshot::Sender<Vec<Vec<u8>>>),
+    Get(Vec<u8>, mpsc::UnboundedSender<Vec<u8>>),
     SetSeal(RecordSeal),
 }
 
@@ -185,12 +188,26 @@ impl Dht {
         answer.await.map_err(|_| DhtError::Stopped)?
     }
 
-    /// Every value found under `key` (locally and on peers), unverified: the caller opens them
-    /// with its seal and keeps the newest.
+    /// The values found under `key` (locally and on peers), unverified: the caller opens them
+    /// with its seal and keeps the newest. Answers when the query ends, or [`GET_PATIENCE_MS`]
+    /// after the first value arrived, whichever is first.
     pub async fn get(&self, key: Vec<u8>) -> Result<Vec<Vec<u8>>, DhtError> {
-        let (reply, answer) = oneshot::channel();
+        let (reply, mut found) = mpsc::unbounded_channel();
         self.commands.send(Command::Get(key, reply)).map_err(|_| DhtError::Stopped)?;
-        answer.await.map_err(|_| DhtError::Stopped)
+        let mut values = Vec::new();
+        let Some(first) = found.recv().await else { return Ok(values) };
+        values.push(first);
+        let patience = tokio::time::sleep(Duration::from_millis(GET_PATIENCE_MS));
+        tokio::pin!(patience);
+        loop {
+            tokio::select! {
+                value = found.recv() => match value {
+                    Some(value) => values.push(value),
+                    None => return Ok(values),
+                },
+                () = &mut patience => return Ok(values),
+            }
+        }
     }
 }
 
@@ -220,7 +237,8 @@ fn build_swarm(config: &DhtConfig) -> Result<Swarm<Behaviour>, DhtError> {
                 max_value_bytes: RECORD_VALUE_BYTES_MAX,
                 ..MemoryStoreConfig::default()
             };
-            let mut kad = kad::Behaviour::with_config(peer_id, MemoryStore::with_config(peer_id, store_config), kad_config);
+            let mut kad =
+                kad::Behaviour::with_config(peer_id, MemoryStore::with_config(peer_id, store_config), kad_config);
             kad.set_mode(Some(Mode::Server));
             let identify = identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public()).with_agent_version(agent),
@@ -238,7 +256,8 @@ struct SwarmTask {
     seal: Option<RecordSeal>,
     shared: Arc<Mutex<Shared>>,
     puts: HashMap<QueryId, oneshot::Sender<Result<(), DhtError>>>,
-    gets: HashMap<QueryId, (Vec<Vec<u8>>, oneshot::Sender<Vec<Vec<u8>>>)>,
+    /// Where each get's values go as they are found; dropped when its query ends.
+    gets: HashMap<QueryId, mpsc::UnboundedSender<Vec<u8>>>,
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), DhtError>>>>,
 }
 
@@ -260,7 +279,8 @@ impl SwarmTask {
             Command::SetSeal(seal) => self.seal = Some(seal),
             Command::Dial(addr, reply) => {
                 let Some(peer) = peer_of(&addr) else {
-                    let _ = reply.send(Err(DhtError::Dial { addr: addr.to_string(), reason: "no /p2p/<peer id>".into() }));
+                    let _ =
+                        reply.send(Err(DhtError::Dial { addr: addr.to_string(), reason: "no /p2p/<peer id>".into() }));
                     return;
                 };
                 if self.swarm.is_connected(&peer) {
@@ -288,7 +308,7 @@ impl SwarmTask {
             }
             Command::Get(key, reply) => {
                 let id = self.swarm.behaviour_mut().kad.get_record(kad::RecordKey::new(&key));
-                self.gets.insert(id, (Vec::new(), reply));
+                self.gets.insert(id, reply);
             }
         }
     }
@@ -313,15 +333,16 @@ impl SwarmTask {
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer_id), error, .. } => {
                 if let Some(waiting) = self.dials.remove(&peer_id) {
                     for reply in waiting {
-                        let _ = reply.send(Err(DhtError::Dial { addr: peer_id.to_string(), reason: error.to_string() }));
+                        let _ =
+                            reply.send(Err(DhtError::Dial { addr: peer_id.to_string(), reason: error.to_string() }));
                     }
                 }
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                if info.protocol_version == IDENTIFY_PROTOCOL {
-                    for addr in info.listen_addrs {
-                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                    }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }))
+                if info.protocol_version == IDENTIFY_PROTOCOL =>
+            {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(event)) => self.kad_event(event),
@@ -337,14 +358,16 @@ impl SwarmTask {
             }
             kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
                 QueryResult::GetRecord(Ok(GetRecordOk::FoundRecord(found))) => {
-                    if let Some((values, _)) = self.gets.get_mut(&id) {
-                        values.push(found.record.value);
+                    if let Some(found_values) = self.gets.get(&id) {
+                        let _ = found_values.send(found.record.value);
                     }
                     if step.last {
-                        self.finish_get(id);
+                        self.gets.remove(&id);
                     }
                 }
-                QueryResult::GetRecord(_) => self.finish_get(id),
+                QueryResult::GetRecord(_) => {
+                    self.gets.remove(&id);
+                }
                 QueryResult::PutRecord(result) => {
                     if let Some(reply) = self.puts.remove(&id) {
                         // Stored locally in any case; a lone node has no peer to hold a copy.
@@ -358,12 +381,6 @@ impl SwarmTask {
                 _ => {}
             },
             _ => {}
-        }
-    }
-
-    fn finish_get(&mut self, id: QueryId) {
-        if let Some((values, reply)) = self.gets.remove(&id) {
-            let _ = reply.send(values);
         }
     }
 

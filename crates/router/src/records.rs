@@ -316,7 +316,8 @@ mod tests {
         for key in [RecordKey::Node(NodeId(3)), RecordKey::Shard(ShardId(0)), RecordKey::Peer("12D3KooWabc".into())] {
             assert_eq!(RecordKey::parse(&key.to_bytes()).expect("parses"), key);
         }
-        for bad in ["/palaver/v1/node/x", "/other/node/1", "/palaver/v1/room/1", "/palaver/v1/peer/a b", "/palaver/v1/"] {
+        for bad in ["/palaver/v1/node/x", "/other/node/1", "/palaver/v1/room/1", "/palaver/v1/peer/a b", "/palaver/v1/"]
+        {
             assert!(RecordKey::parse(bad.as_bytes()).is_err(), "{bad}");
         }
         assert!(RecordKey::parse(&[0xff, 0xfe]).is_err());

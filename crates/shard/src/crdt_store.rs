@@ -150,7 +150,7 @@ impl RoomCell {
 }
 
 /// What a local write produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Written {
     /// The event's place in the room (for a retried post: the first post's).
     pub position: Position,

@@ -51,7 +51,12 @@ fn status_json(status: &StatusResponse) -> serde_json::Value {
         "answered_by": status.answered_by,
         "nodes": status.nodes.iter().map(|n| serde_json::json!({
             "node_id": n.node_id, "grpc_addr": n.grpc_addr, "reachable": n.reachable,
+            "peer_id": n.peer_id, "p2p_addrs": n.p2p_addrs, "dht_peers": n.dht_peers,
         })).collect::<Vec<_>>(),
+        "routes": status.routes.as_ref().map(|r| serde_json::json!({
+            "cache_hits": r.cache_hits, "cache_misses": r.cache_misses, "corrections": r.corrections,
+            "dht_lookups": r.dht_lookups, "dht_found": r.dht_found, "meta_fallbacks": r.meta_fallbacks,
+        })),
         "shards": status.shards.iter().map(|s| serde_json::json!({
             "shard": s.shard,
             "voters": s.voters,
@@ -60,6 +65,10 @@ fn status_json(status: &StatusResponse) -> serde_json::Value {
             "leader": s.leader,
             "term": s.term,
             "last_applied_index": s.last_applied_index,
+            "directory": s.directory.as_ref().map(|d| serde_json::json!({
+                "found": d.found, "replicas": d.replicas, "leader": d.leader, "term": d.term,
+                "config_index": d.config_index,
+            })),
             "replicas": s.replicas.iter().map(|r| serde_json::json!({
                 "node_id": r.node_id, "state": r.state, "term": r.term, "leader": r.leader,
                 "last_applied_index": r.last_applied_index, "last_log_index": r.last_log_index,
@@ -73,19 +82,47 @@ fn status_table(status: &StatusResponse) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(out, "cluster {} (answered by node {})", status.cluster_id, status.answered_by);
-    let _ = writeln!(out, "\nNODE  ADDRESS                REACHABLE");
+    let _ = writeln!(out, "\nNODE  ADDRESS                REACHABLE  DHT PEERS  PEER ID");
     for node in &status.nodes {
-        let _ =
-            writeln!(out, "{:<5} {:<22} {}", node.node_id, node.grpc_addr, if node.reachable { "yes" } else { "NO" });
+        let reachable = if node.reachable { "yes" } else { "NO" };
+        let _ = writeln!(
+            out,
+            "{:<5} {:<22} {:<10} {:<10} {}",
+            node.node_id,
+            node.grpc_addr,
+            reachable,
+            node.dht_peers.len(),
+            node.peer_id
+        );
     }
-    let _ = writeln!(out, "\nSHARD  VOTERS        LEADER  TERM  APPLIED");
+    let _ = writeln!(out, "\nSHARD  VOTERS        LEADER  TERM  APPLIED  DHT RECORD (replicas/leader/epoch)");
     for shard in &status.shards {
         let voters = shard.voters.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
         let leader = if shard.leader == 0 { "-".to_string() } else { shard.leader.to_string() };
+        let record = match &shard.directory {
+            Some(d) if d.found => {
+                let replicas = d.replicas.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+                format!("{replicas}/{}/{}.{}", d.leader, d.term, d.config_index)
+            }
+            _ => "-".to_string(),
+        };
         let _ = writeln!(
             out,
-            "{:<6} {:<13} {:<7} {:<5} {}",
-            shard.shard, voters, leader, shard.term, shard.last_applied_index
+            "{:<6} {:<13} {:<7} {:<5} {:<8} {}",
+            shard.shard, voters, leader, shard.term, shard.last_applied_index, record
+        );
+    }
+    if let Some(routes) = &status.routes {
+        let _ = writeln!(
+            out,
+            "\nroutes (node {}): cache hits {}, misses {}, corrections {}, DHT lookups {} (found {}), meta fallbacks {}",
+            status.answered_by,
+            routes.cache_hits,
+            routes.cache_misses,
+            routes.corrections,
+            routes.dht_lookups,
+            routes.dht_found,
+            routes.meta_fallbacks
         );
     }
     out

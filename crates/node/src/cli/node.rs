@@ -25,9 +25,14 @@ pub struct NodeArgs {
     /// Number of data shards of the new cluster (with --init-cluster).
     #[arg(long, default_value_t = 64, requires = "init_cluster")]
     shards: u32,
-    /// Join the cluster of the node at HOST:PORT (first start only).
+    /// Join the cluster of a running node, given by its gRPC address (HOST:PORT) or its
+    /// libp2p multiaddr (/ip4/…/tcp/…/p2p/<peer id>) (first start only).
     #[arg(long)]
     join: Option<String>,
+    /// Where the libp2p swarm (the DHT) listens, as a multiaddr; default: the gRPC address's IP
+    /// on a free port.
+    #[arg(long)]
+    p2p_addr: Option<String>,
     /// Snapshot a shard (and purge its log) after this many entries.
     #[arg(long, default_value_t = palaver_shard::replica::SNAPSHOT_LOGS_SINCE_LAST_DEFAULT)]
     snapshot_logs: u64,
@@ -48,14 +53,26 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         Some(addr) => addr,
         None => listener.local_addr()?.to_string(),
     };
+    let p2p_listen = match args.p2p_addr {
+        Some(addr) => addr,
+        None => {
+            let ip = listener.local_addr()?.ip();
+            let family = if ip.is_ipv4() { "ip4" } else { "ip6" };
+            format!("/{family}/{ip}/tcp/0")
+        }
+    };
     let config = NodeConfig {
         data_dir: args.data_dir,
         advertise_addr,
         bootstrap,
         replica: ReplicaOptions { snapshot_logs_since_last: args.snapshot_logs.max(1) },
+        p2p_listen: Some(p2p_listen),
     };
     let node = Node::start(config, NodeEnv::default(), engine, listener).await?;
     println!("node {} serving on {}", node.id(), node.local_addr());
+    for addr in node.inner().directory.p2p_addrs() {
+        println!("node {} p2p {addr}", node.id());
+    }
     wait_for_signal().await;
     node.shutdown().await;
     Ok(())

@@ -108,12 +108,43 @@ impl TestCluster {
         cluster
     }
 
-    /// Wait until the cluster has `n` nodes and each shard a leader and min(3, n) voters.
+    /// Start one more node with `bootstrap` arguments (e.g. `--join ADDR`) and wait until it
+    /// serves; returns its index.
+    pub async fn add_node(&mut self, bootstrap: &[String]) -> usize {
+        let i = self.nodes.len();
+        let node = TestNode {
+            addr: format!("127.0.0.1:{}", free_port()),
+            dir: self._root.path().join(format!("node{}", i + 1)),
+            child: None,
+        };
+        self.nodes.push(node);
+        let child = spawn(&self.nodes[i], bootstrap, &self.extra_args);
+        self.nodes[i].child = Some(child);
+        self.status_from(i).await;
+        i
+    }
+
+    /// Index of the node with id `node_id` in `status`.
+    pub fn index_of(&self, status: &StatusResponse, node_id: u64) -> usize {
+        let addr = &status.nodes.iter().find(|n| n.node_id == node_id).expect("node in status").grpc_addr;
+        self.nodes.iter().position(|n| n.addr == *addr).expect("node started by this cluster")
+    }
+
+    /// Wait until the cluster has `n` nodes and each shard a leader and min(3, n) voters, the
+    /// ones placement names.
     pub async fn wait_replicated(&self, n: usize) {
         wait_for("every shard led and replicated", || async {
             let status = self.status().await?;
-            let ready =
-                status.nodes.len() == n && status.shards.iter().all(|s| s.leader != 0 && s.voters.len() == n.min(3));
+            // Voters as placement wants them: no replica move still under way.
+            let placed = |s: &palaver_proto::v1::ShardStatus| {
+                let mut voters = s.voters.clone();
+                let mut placement = s.placement.clone();
+                voters.sort_unstable();
+                placement.sort_unstable();
+                voters == placement
+            };
+            let ready = status.nodes.len() == n
+                && status.shards.iter().all(|s| s.leader != 0 && s.voters.len() == n.min(3) && placed(s));
             ready.then_some(())
         })
         .await;

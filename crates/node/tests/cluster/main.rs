@@ -5,6 +5,7 @@ mod in_process;
 mod messages;
 mod partition;
 mod pipeline;
+mod routing;
 
 use harness::{TestCluster, authed, code, login, user, wait_for};
 use palaver_proto::v1::{

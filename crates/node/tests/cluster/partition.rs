@@ -138,6 +138,7 @@ impl InProcessCluster {
                 advertise_addr: addrs[i].clone(),
                 bootstrap,
                 replica: ReplicaOptions::default(),
+                p2p_listen: None,
             };
             nodes.push(Node::start(config, env, Arc::new(MemEngine::new()), listener).await.expect("start"));
         }
