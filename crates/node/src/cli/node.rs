@@ -26,7 +26,7 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 64, requires = "init_cluster")]
     shards: u32,
     /// Join the cluster of a running node, given by its gRPC address (HOST:PORT) or its
-    /// libp2p multiaddr (/ip4/…/tcp/…/p2p/<peer id>) (first start only).
+    /// libp2p multiaddr (/ip4/…/tcp/…/p2p/PEER_ID) (first start only).
     #[arg(long)]
     join: Option<String>,
     /// Where the libp2p swarm (the DHT) listens, as a multiaddr; default: the gRPC address's IP
