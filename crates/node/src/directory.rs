@@ -270,8 +270,10 @@ pub async fn publish(node: &NodeInner) {
 /// The directory record of `replica`'s shard, if this node leads it.
 fn led_shard_record(node: &NodeInner, replica: &palaver_shard::Replica) -> Option<ShardRecord> {
     let metrics = replica.raft.metrics();
+    // One borrow, and no Raft call while it is held: the metrics live behind a fair RwLock, and
+    // a second read (`is_leader` borrows them too) behind openraft's waiting writer deadlocks.
     let metrics = metrics.borrow_watched();
-    if metrics.current_leader != Some(node.id.0) || !replica.raft.is_leader() {
+    if metrics.current_leader != Some(node.id.0) || metrics.state != openraft::ServerState::Leader {
         return None;
     }
     let membership = &metrics.membership_config;

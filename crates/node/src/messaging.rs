@@ -87,9 +87,10 @@ pub fn message_id(hex: &str) -> Result<MessageId, ApiError> {
 }
 
 impl Ops {
-    /// This node's replica of `room`'s shard, if it holds one.
+    /// This node's replica of `room`'s shard, if it holds one that serves clients (see
+    /// [`crate::node::NodeInner::serving_replica`]).
     pub fn local_replica(&self, room: &RoomId) -> Option<Replica> {
-        self.node().replicas.get(self.node().ring.shard_of_room(room))
+        self.node().serving_replica(self.node().ring.shard_of_room(room))
     }
 
     async fn forward(&self, user: &UserName, room: &RoomId, op: ClientOp) -> Result<ClientAnswer, ApiError> {

@@ -184,6 +184,28 @@ impl NodeInner {
         subscriptions.get(user).map(|rooms| rooms.keys().map(|r| r.0.clone()).collect()).unwrap_or_default()
     }
 
+    /// This node's replica of `shard` if it serves clients: placement (the meta group's
+    /// registry) names this node for the shard, and the group counts it as a voter. A copy
+    /// left behind when the shard moved away keeps running (the drain issue will wipe it) but
+    /// no longer gets its peers' events — and may never learn that it was removed, so its own
+    /// view of the membership is not enough — so clients must not read or write through it.
+    pub fn serving_replica(&self, shard: ShardId) -> Option<palaver_shard::Replica> {
+        let replica = self.replicas.get(shard)?;
+        {
+            let view = self.view();
+            if view.info.is_some() && !view.placement(shard).contains(&self.id) {
+                return None;
+            }
+        }
+        let voter = {
+            let metrics = replica.raft.metrics();
+            let metrics = openraft::async_runtime::WatchReceiver::borrow_watched(&metrics);
+            metrics.membership_config.membership().voter_ids().any(|id| id == self.id.0)
+        };
+        let _ = voter;
+        Some(replica)
+    }
+
     /// Milliseconds since the Unix epoch, from the injected clock.
     pub fn now_ms(&self) -> u64 {
         self.env.clock.now_ms()

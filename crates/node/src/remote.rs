@@ -202,7 +202,7 @@ pub async fn answer(ops: &Ops, frame: &[u8]) -> Result<Vec<u8>, ApiError> {
 async fn run(ops: &Ops, call: ClientCall) -> Result<ClientAnswer, Declined> {
     let ClientCall { user, room, op } = call;
     let shard = ops.node().ring.shard_of_room(&room);
-    let Some(replica) = ops.node().replicas.get(shard) else { return Err(Declined::NotReplica) };
+    let Some(replica) = ops.node().serving_replica(shard) else { return Err(Declined::NotReplica) };
     let name = room.as_str();
     let result = match op {
         ClientOp::Post { body, client_message_id, ack, seen } => {

@@ -112,9 +112,18 @@ pub async fn wait_ready(addr: &str, nodes: usize, quiet: bool) -> anyhow::Result
     loop {
         if let Ok(status) = super::admin::fetch_status(addr).await {
             let total = status.shards.len();
-            let ready = status.shards.iter().filter(|s| s.leader != 0 && s.voters.len() == want_voters).count();
+            // Led, fully replicated, and on the nodes placement names (no move under way).
+            let placed = |s: &palaver_proto::v1::ShardStatus| {
+                let mut voters = s.voters.clone();
+                let mut placement = s.placement.clone();
+                voters.sort_unstable();
+                placement.sort_unstable();
+                voters == placement
+            };
+            let ready =
+                status.shards.iter().filter(|s| s.leader != 0 && s.voters.len() == want_voters && placed(s)).count();
             let line = format!(
-                "{} of {nodes} nodes registered, {ready} of {total} shards led with {want_voters} voters",
+                "{} of {nodes} nodes registered, {ready} of {total} shards led with {want_voters} voters where placed",
                 status.nodes.len()
             );
             if !quiet && line != last {

@@ -12,7 +12,16 @@ use palaver_proto::v1::{
 };
 use palaver_router::{Dht, DhtConfig, Entry, RecordKey, RecordSeal, ShardEpoch, ShardRecord, ShardRing};
 
-use crate::harness::{TestCluster, authed, code, post, user, wait_for};
+use crate::harness::{TestCluster, WAIT_DEADLINE, authed, code, post, user, wait_for};
+
+/// The next event of `stream`, or a failed test after [`WAIT_DEADLINE`] (never a hang).
+async fn next_event(stream: &mut tonic::Streaming<RoomEvent>) -> RoomEvent {
+    tokio::time::timeout(WAIT_DEADLINE, stream.message())
+        .await
+        .expect("an event within the deadline")
+        .expect("stream healthy")
+        .expect("stream open")
+}
 
 const SHARDS: u32 = 8;
 
@@ -44,7 +53,7 @@ async fn read_messages(
 ) -> Vec<String> {
     let mut bodies = Vec::new();
     while bodies.len() < count {
-        let event = stream.message().await.expect("stream healthy").expect("stream open");
+        let event = next_event(stream).await;
         if let Some(room_event::Event::Message(message)) = event.event {
             let position = message.position.expect("position");
             let held = version_vector.entry(position.replica).or_default();
@@ -69,10 +78,25 @@ async fn five_nodes_serve_a_room_from_nodes_that_hold_none_of_it() {
     for node in &status.nodes {
         assert_eq!(node.dht_peers.len(), 4, "node {} found every other node in the DHT", node.node_id);
     }
-    let (room, shard) = room_not_on(&cluster, &status, 0, "far");
+    // Prefer a room whose shard left a copy on a node when it moved there and on (nodes joined
+    // one by one): that node must not serve the room from its stale copy.
+    let retired = (0..1000).map(|n| format!("far-{n}")).find_map(|room| {
+        let shard = ShardRing::new(SHARDS).shard_of_room(&RoomId(room.clone())).0;
+        let entry = status.shards.iter().find(|s| s.shard == shard)?;
+        let stale = entry.replicas.iter().find(|r| !entry.voters.contains(&r.node_id))?;
+        Some((room, shard, cluster.index_of(&status, stale.node_id)))
+    });
+    let (room, shard, e) = match retired {
+        Some(found) => found,
+        None => {
+            let (room, shard) = room_not_on(&cluster, &status, 0, "far");
+            (room, shard, 0)
+        }
+    };
     let outside = non_replicas(&cluster, &status, shard);
     assert_eq!(outside.len(), 2);
-    let (e, f) = (outside[0], outside[1]);
+    assert!(outside.contains(&e));
+    let f = outside.iter().copied().find(|i| *i != e).expect("a second node without the room");
 
     // Records nobody in the cluster sealed: a forged leader for the room's shard, a malformed
     // value, a forged address for one of its replicas. Put from a swarm of the test's own.
@@ -111,9 +135,13 @@ async fn five_nodes_serve_a_room_from_nodes_that_hold_none_of_it() {
     let mut stream = at_e.subscribe(authed(request, &bob)).await.expect("subscribe on a non-replica node").into_inner();
     let mut version_vector = std::collections::BTreeMap::new();
     let mut ids = Vec::new();
-    for i in 0..3 {
+    for i in 0..2 {
         ids.push(post(&mut at_e, &ada, &room, &format!("far-{i}"), AckLevel::Quorum).await.expect("post"));
     }
+    // A post through a node that does hold the room reaches the subscriber on e as well (e
+    // follows the room's current replicas, not some copy of its own).
+    let replica = (0..cluster.nodes.len()).find(|i| !outside.contains(i)).expect("a replica");
+    ids.push(post(&mut cluster.chat(replica), &ada, &room, "far-2", AckLevel::Quorum).await.expect("post"));
     assert_eq!(read_messages(&mut stream, &mut version_vector, 3).await, ["far-0", "far-1", "far-2"]);
     let edit = EditRequest { room: room.clone(), message_id: ids[0].clone(), body: "far-0!".into(), ack: 0 };
     at_e.edit(authed(edit, &ada)).await.expect("edit");
@@ -129,7 +157,7 @@ async fn five_nodes_serve_a_room_from_nodes_that_hold_none_of_it() {
     // The subscriber sees the edit and the reaction too.
     let mut kinds = Vec::new();
     while kinds.len() < 2 {
-        let event = stream.message().await.expect("healthy").expect("open");
+        let event = next_event(&mut stream).await;
         if let Some(room_event::Event::Message(message)) = event.event {
             let position = message.position.expect("position");
             let held = version_vector.entry(position.replica).or_default();
@@ -160,7 +188,7 @@ async fn five_nodes_serve_a_room_from_nodes_that_hold_none_of_it() {
     let mut stream = at_f.subscribe(authed(request, &bob)).await.expect("resubscribe").into_inner();
     let mut got = Vec::new();
     while got.len() < 2 {
-        let event = stream.message().await.expect("healthy").expect("open");
+        let event = next_event(&mut stream).await;
         if let Some(room_event::Event::Message(message)) = event.event {
             let position = message.position.expect("position");
             let held = version_vector.entry(position.replica).or_default();

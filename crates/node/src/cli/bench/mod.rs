@@ -51,6 +51,9 @@ struct ClusterArgs {
     /// Data shards of the cluster the bench starts.
     #[arg(long, default_value_t = 64)]
     shards: u32,
+    /// Nodes of the cluster the bench starts.
+    #[arg(long, default_value_t = 3)]
+    nodes: u16,
 }
 
 /// The cluster under test: its nodes' addresses, and the processes if the bench started them.
@@ -61,16 +64,22 @@ struct Cluster {
 }
 
 impl Cluster {
-    /// The running cluster named by `--addr`, or a fresh 3-node one on ports from `base_port`.
+    /// The running cluster named by `--addr`, or a fresh one (`--nodes`) on ports from
+    /// `base_port`.
     async fn open(args: &ClusterArgs, base_port: u16) -> anyhow::Result<Self> {
         if !args.addr.is_empty() {
             return Ok(Self { addrs: args.addr.clone(), processes: Vec::new(), _dir: None });
         }
         let dir = tempfile::tempdir()?;
-        println!("starting a 3-node cluster ({} shards, fsync on) in {}", args.shards, dir.path().display());
-        let processes = up::start_cluster(dir.path(), 3, args.shards, base_port, true).await?;
+        println!(
+            "starting a {}-node cluster ({} shards, fsync on) in {}",
+            args.nodes,
+            args.shards,
+            dir.path().display()
+        );
+        let processes = up::start_cluster(dir.path(), args.nodes, args.shards, base_port, true).await?;
         let addrs: Vec<String> = processes.iter().map(|p| p.addr.clone()).collect();
-        up::wait_ready(&addrs[0], 3, true).await?;
+        up::wait_ready(&addrs[0], usize::from(args.nodes), true).await?;
         Ok(Self { addrs, processes, _dir: Some(dir) })
     }
 

@@ -48,6 +48,18 @@ enum Ack {
     One,
 }
 
+/// Which nodes clients attach to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Attach {
+    /// Spread over all nodes.
+    Any,
+    /// Only nodes that hold a replica of the client's room.
+    Replica,
+    /// Only nodes that hold none (every operation takes the extra hop to a replica; needs at
+    /// least 4 nodes).
+    NonReplica,
+}
+
 #[derive(Debug, Args)]
 pub struct PostsBenchArgs {
     #[command(flatten)]
@@ -79,6 +91,38 @@ pub struct PostsBenchArgs {
     /// First gRPC port of the cluster the bench starts.
     #[arg(long, default_value_t = 7401)]
     base_port: u16,
+    /// Which nodes posting users and subscribers attach to.
+    #[arg(long, value_enum, default_value_t = Attach::Any)]
+    attach: Attach,
+}
+
+/// For each room, the nodes (indexes into `addrs`) its clients may attach to.
+async fn attachable(addrs: &[String], rooms: &[String], attach: Attach) -> anyhow::Result<Vec<Vec<usize>>> {
+    let all: Vec<usize> = (0..addrs.len()).collect();
+    if attach == Attach::Any {
+        return Ok(vec![all; rooms.len()]);
+    }
+    let status = crate::cli::admin::fetch_status(&addrs[0]).await?;
+    let shard_count = u32::try_from(status.shards.len().saturating_sub(1))?;
+    let ring = palaver_router::ShardRing::new(shard_count.max(1));
+    let index_of = |node_id: u64| {
+        let addr = status.nodes.iter().find(|n| n.node_id == node_id).map(|n| n.grpc_addr.clone());
+        addr.and_then(|addr| addrs.iter().position(|a| *a == addr))
+    };
+    rooms
+        .iter()
+        .map(|room| {
+            let shard = ring.shard_of_room(&palaver_ids::RoomId(room.clone())).0;
+            let voters = status.shards.iter().find(|s| s.shard == shard).map(|s| s.voters.clone()).unwrap_or_default();
+            let replicas: Vec<usize> = voters.iter().filter_map(|id| index_of(*id)).collect();
+            let chosen: Vec<usize> = match attach {
+                Attach::Replica => replicas,
+                _ => all.iter().copied().filter(|i| !replicas.contains(i)).collect(),
+            };
+            anyhow::ensure!(!chosen.is_empty(), "no node fits --attach {attach:?} for room {room} (shard {shard})");
+            Ok(chosen)
+        })
+        .collect()
 }
 
 /// Channels to the nodes, a new connection every [`STREAMS_PER_CONNECTION_MAX`] streams.
@@ -284,6 +328,7 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         }
     })
     .await?;
+    let attach = attachable(&cluster.addrs, &rooms, args.attach).await?;
     let members: Vec<(String, Vec<String>, usize)> = (0..args.users)
         .map(|u| (format!("bp-{run_id}-{u}"), vec![rooms[u % rooms.len()].clone()], u % nodes))
         .chain((0..args.subscribers).map(|k| (format!("bs-{run_id}-{k}"), rooms.clone(), k % nodes)))
@@ -315,7 +360,7 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
     for k in 0..args.subscribers {
         let token = tokens[args.users + k].clone();
         for (r, room) in rooms.iter().enumerate() {
-            let channel = connections.for_stream(k)?;
+            let channel = connections.for_stream(attach[r][k % attach[r].len()])?;
             let task = follow(channel, token.clone(), room.clone(), k * rooms.len() + r, epoch, deliveries.clone());
             followers.push(tokio::spawn(task));
         }
@@ -329,7 +374,9 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
     // Posting users' pipelines.
     let mut posters = Vec::with_capacity(args.users);
     for (u, token) in tokens.iter().take(args.users).enumerate() {
-        let client = ChatServiceClient::new(connections.for_stream(u % nodes)?);
+        let room = u % rooms.len();
+        let node = attach[room][(u / rooms.len()) % attach[room].len()];
+        let client = ChatServiceClient::new(connections.for_stream(node)?);
         posters.push(Poster {
             user: u32::try_from(u)?,
             room: rooms[u % rooms.len()].clone(),
