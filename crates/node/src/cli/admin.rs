@@ -52,6 +52,7 @@ fn status_json(status: &StatusResponse) -> serde_json::Value {
         "nodes": status.nodes.iter().map(|n| serde_json::json!({
             "node_id": n.node_id, "grpc_addr": n.grpc_addr, "reachable": n.reachable,
             "peer_id": n.peer_id, "p2p_addrs": n.p2p_addrs, "dht_peers": n.dht_peers,
+            "feeds_open": n.feeds_open,
         })).collect::<Vec<_>>(),
         "routes": status.routes.as_ref().map(|r| serde_json::json!({
             "cache_hits": r.cache_hits, "cache_misses": r.cache_misses, "corrections": r.corrections,
