@@ -16,8 +16,8 @@
 //!   on new ports is found again without operator action.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::identity::Keypair;
@@ -179,12 +179,16 @@ impl Directory {
         }
     }
 
-    async fn put(&self, key: RecordKey, entry: &Entry) {
-        let Some(dht) = &self.dht else { return };
+    /// Publish `entry` under `key` in the background: a put waits on the closest peers, and a
+    /// dead or cut-off one must not hold up the reconcile loop that publishes.
+    fn put(&self, key: RecordKey, entry: &Entry) {
+        let Some(dht) = self.dht.clone() else { return };
         let value = self.seal.seal(&key, entry);
-        if let Err(e) = dht.put(key.to_bytes(), value).await {
-            tracing::warn!(%key, error = %e, "record not published");
-        }
+        tokio::spawn(async move {
+            if let Err(e) = dht.put(key.to_bytes(), value).await {
+                tracing::warn!(%key, error = %e, "record not published");
+            }
+        });
     }
 }
 
@@ -231,8 +235,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Publish what changed (or is due again): the node's own record, and the directory record of
-/// every shard led here.
-pub async fn publish(node: &NodeInner) {
+/// every shard led here. Returns at once; the puts run in the background.
+pub fn publish(node: &NodeInner) {
     let directory = &node.directory;
     let Some(dht) = &directory.dht else { return };
     let now_ms = node.now_ms();
@@ -248,8 +252,8 @@ pub async fn publish(node: &NodeInner) {
             p2p_addrs: directory.p2p_addrs(),
             epoch: directory.boot,
         });
-        directory.put(RecordKey::Node(node.id), &record).await;
-        directory.put(RecordKey::Peer(dht.peer_id().to_string()), &record).await;
+        directory.put(RecordKey::Node(node.id), &record);
+        directory.put(RecordKey::Peer(dht.peer_id().to_string()), &record);
         lock(&directory.published).node_at_ms = Some(now_ms);
     }
     for replica in node.replicas.all() {
@@ -262,7 +266,7 @@ pub async fn publish(node: &NodeInner) {
             continue;
         }
         directory.cache.offer(replica.shard, Route::from(&record));
-        directory.put(RecordKey::Shard(replica.shard), &Entry::Shard(record.clone())).await;
+        directory.put(RecordKey::Shard(replica.shard), &Entry::Shard(record.clone()));
         lock(&directory.published).shards.insert(replica.shard, (record, now_ms));
     }
 }
@@ -290,8 +294,14 @@ fn led_shard_record(node: &NodeInner, replica: &palaver_shard::Replica) -> Optio
 }
 
 /// Dial the nodes the routing table lacks, asking each for its libp2p addresses over gRPC
-/// (at most every [`RECONNECT_INTERVAL_MS`]).
-pub async fn keep_connected(node: &NodeInner) {
+/// (at most every [`RECONNECT_INTERVAL_MS`]), in the background: an unreachable node must not
+/// hold up the reconcile loop.
+pub fn keep_connected(node: &Arc<NodeInner>) {
+    let node = node.clone();
+    tokio::spawn(async move { reconnect(&node).await });
+}
+
+async fn reconnect(node: &NodeInner) {
     let Some(dht) = &node.directory.dht else { return };
     let now_ms = node.now_ms();
     {

@@ -356,8 +356,8 @@ async fn reconcile_loop(node: Arc<NodeInner>, mut stopped: watch::Receiver<bool>
             _ = tick.tick() => {
                 cluster::reconcile_once(&node).await;
                 node.replication.ensure_pushers(&node, &stopped);
-                crate::directory::publish(&node).await;
-                crate::directory::keep_connected(&node).await;
+                crate::directory::publish(&node);
+                crate::directory::keep_connected(&node);
             }
             _ = stopped.changed() => return,
         }
