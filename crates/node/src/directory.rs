@@ -143,6 +143,7 @@ impl Directory {
             dht_lookups: self.dht_lookups.load(Ordering::Relaxed),
             dht_found: self.dht_found.load(Ordering::Relaxed),
             meta_fallbacks: self.meta_fallbacks.load(Ordering::Relaxed),
+            epoch_hints: cache.epoch_hints,
         }
     }
 
@@ -268,6 +269,24 @@ pub fn publish(node: &NodeInner) {
         directory.cache.offer(replica.shard, Route::from(&record));
         directory.put(RecordKey::Shard(replica.shard), &Entry::Shard(record.clone()));
         lock(&directory.published).shards.insert(replica.shard, (record, now_ms));
+    }
+}
+
+/// The shard's record as `replica` knows it now: its voters, the leader it knows, and its
+/// epoch (current term, membership log index). A follower's view, not only a leader's.
+pub fn known_shard_record(node: &NodeInner, replica: &palaver_shard::Replica) -> ShardRecord {
+    let metrics = replica.raft.metrics();
+    let metrics = metrics.borrow_watched();
+    let membership = &metrics.membership_config;
+    ShardRecord {
+        cluster_id: node.identity.cluster_id.clone(),
+        shard: replica.shard,
+        replicas: membership.membership().voter_ids().map(NodeId).collect(),
+        leader: metrics.current_leader.map(NodeId),
+        epoch: ShardEpoch {
+            term: metrics.current_term,
+            config_index: membership.log_id().as_ref().map_or(0, |id| id.index),
+        },
     }
 }
 

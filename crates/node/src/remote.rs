@@ -16,6 +16,7 @@ use std::hash::{Hash, Hasher};
 
 use palaver_crdt::{Hlc, Position};
 use palaver_ids::{NodeId, RoomId, UserName};
+use palaver_router::{Route, ShardEpoch, ShardRecord};
 use palaver_shard::{Role, keys};
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,9 @@ use crate::peer::PeerError;
 /// A client's operation, sent to a replica of its room's shard.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientCall {
+    /// The epoch of the route the sender used; a replica that knows a newer one answers with
+    /// its record, so the sender's cache is corrected.
+    pub epoch: ShardEpoch,
     /// The user, authenticated by the sending node.
     pub user: UserName,
     /// The room (validated by the sending node).
@@ -111,6 +115,15 @@ pub enum ClientAnswer {
     Role(Role),
 }
 
+/// A replica's answer: the result, and its record of the shard if the caller's was older.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientReply {
+    /// What happened.
+    pub result: Result<ClientAnswer, Declined>,
+    /// The replica's newer record of the shard.
+    pub hint: Option<ShardRecord>,
+}
+
 /// Why a replica did not run the operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Declined {
@@ -137,19 +150,26 @@ fn unexpected(answer: &ClientAnswer) -> ApiError {
 /// Run `op` for `user` in `room` on a replica of the room's shard.
 pub async fn forward(node: &NodeInner, user: &UserName, room: &RoomId, op: ClientOp) -> Result<ClientAnswer, ApiError> {
     let shard = node.ring.shard_of_room(room);
-    let call = ClientCall { user: user.clone(), room: room.clone(), op };
-    let frame = keys::encode(&call)?;
+    let mut call = ClientCall { epoch: ShardEpoch::default(), user: user.clone(), room: room.clone(), op };
     let mut last_failure = String::from("no replica known");
     for pass in 0..2 {
         if pass == 1 {
             node.directory.cache.invalidate(shard);
         }
         let route = crate::directory::resolve_shard(node, shard).await;
+        call.epoch = route.epoch;
+        let frame = keys::encode(&call)?;
         for target in rotated(&route.replicas, room) {
             if target == node.id {
                 continue;
             }
-            match call_replica(node, target, &frame).await {
+            let reply = call_replica(node, target, &frame).await.map(|reply| {
+                if let Some(hint) = reply.hint {
+                    node.directory.cache.hint(shard, Route::from(&hint));
+                }
+                reply.result
+            });
+            match reply {
                 Ok(Ok(answer)) => return Ok(answer),
                 Ok(Err(Declined::Api(error))) => return Err(error),
                 Ok(Err(Declined::NotReplica)) => {
@@ -166,11 +186,7 @@ pub async fn forward(node: &NodeInner, user: &UserName, room: &RoomId, op: Clien
     Err(ApiError::Unavailable { shard: shard.0, reason: last_failure })
 }
 
-async fn call_replica(
-    node: &NodeInner,
-    target: NodeId,
-    frame: &[u8],
-) -> Result<Result<ClientAnswer, Declined>, String> {
+async fn call_replica(node: &NodeInner, target: NodeId, frame: &[u8]) -> Result<ClientReply, String> {
     let addr =
         crate::directory::node_addr(node, target).await.ok_or_else(|| format!("no address for node {target}"))?;
     let link = node.replicas.peers().link(&addr).map_err(|e| e.to_string())?;
@@ -195,12 +211,19 @@ fn rotated(replicas: &[NodeId], room: &RoomId) -> Vec<NodeId> {
 /// Answer another node's [`ClientCall`] (a framed one) with this node's replica.
 pub async fn answer(ops: &Ops, frame: &[u8]) -> Result<Vec<u8>, ApiError> {
     let call: ClientCall = keys::decode(frame).map_err(|e| ApiError::invalid("client call", e.to_string()))?;
+    let shard = ops.node().ring.shard_of_room(&call.room);
+    let caller_epoch = call.epoch;
     let result = run(ops, call).await;
-    Ok(keys::encode(&result)?)
+    let hint = ops
+        .node()
+        .serving_replica(shard)
+        .map(|replica| crate::directory::known_shard_record(ops.node(), &replica))
+        .filter(|record| record.epoch > caller_epoch);
+    Ok(keys::encode(&ClientReply { result, hint })?)
 }
 
 async fn run(ops: &Ops, call: ClientCall) -> Result<ClientAnswer, Declined> {
-    let ClientCall { user, room, op } = call;
+    let ClientCall { user, room, op, .. } = call;
     let shard = ops.node().ring.shard_of_room(&room);
     let Some(replica) = ops.node().serving_replica(shard) else { return Err(Declined::NotReplica) };
     let name = room.as_str();
@@ -241,6 +264,7 @@ mod tests {
     #[test]
     fn calls_and_typed_errors_survive_the_frame() {
         let call = ClientCall {
+            epoch: ShardEpoch { term: 3, config_index: 7 },
             user: UserName("u".into()),
             room: RoomId("r".into()),
             op: ClientOp::Post { body: "hi".into(), client_message_id: "c1".into(), ack: AckLevel::Quorum, seen: None },

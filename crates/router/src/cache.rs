@@ -40,6 +40,8 @@ pub struct RouteCounters {
     pub cache_misses: u64,
     /// Routes corrected after a stale answer (not leader, node gone).
     pub corrections: u64,
+    /// Routes replaced by a newer record a replica answered with (the caller's epoch was old).
+    pub epoch_hints: u64,
 }
 
 /// Routes by shard.
@@ -49,6 +51,7 @@ pub struct RouteCache {
     hits: AtomicU64,
     misses: AtomicU64,
     corrections: AtomicU64,
+    epoch_hints: AtomicU64,
 }
 
 impl RouteCache {
@@ -79,6 +82,17 @@ impl RouteCache {
                 true
             }
         }
+    }
+
+    /// A replica answered with its newer record of `shard`: take it if it is newer than the
+    /// cached route (counted as an epoch hint).
+    pub fn hint(&self, shard: ShardId, route: Route) -> bool {
+        let newer = self.peek(shard).is_none_or(|held| held.epoch < route.epoch);
+        if newer && self.offer(shard, route) {
+            self.epoch_hints.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 
     /// An answer named the leader of `shard` (or said the one we had is not): note it.
@@ -132,6 +146,7 @@ impl RouteCache {
             cache_hits: self.hits.load(Ordering::Relaxed),
             cache_misses: self.misses.load(Ordering::Relaxed),
             corrections: self.corrections.load(Ordering::Relaxed),
+            epoch_hints: self.epoch_hints.load(Ordering::Relaxed),
         }
     }
 }
@@ -172,5 +187,11 @@ mod tests {
         let counters = cache.counters();
         assert_eq!((counters.cache_hits, counters.cache_misses), (1, 1));
         assert!(counters.corrections >= 1);
+        // A hint replaces only an older route.
+        assert!(cache.hint(ShardId(1), route(6, 2)));
+        assert!(!cache.hint(ShardId(1), route(6, 3)));
+        assert!(!cache.hint(ShardId(1), route(5, 3)));
+        assert_eq!(cache.counters().epoch_hints, 1);
+        assert_eq!(cache.peek(ShardId(1)).and_then(|r| r.leader), Some(NodeId(2)));
     }
 }

@@ -57,6 +57,7 @@ fn status_json(status: &StatusResponse) -> serde_json::Value {
         "routes": status.routes.as_ref().map(|r| serde_json::json!({
             "cache_hits": r.cache_hits, "cache_misses": r.cache_misses, "corrections": r.corrections,
             "dht_lookups": r.dht_lookups, "dht_found": r.dht_found, "meta_fallbacks": r.meta_fallbacks,
+            "epoch_hints": r.epoch_hints,
         })),
         "shards": status.shards.iter().map(|s| serde_json::json!({
             "shard": s.shard,
@@ -116,11 +117,12 @@ fn status_table(status: &StatusResponse) -> String {
     if let Some(routes) = &status.routes {
         let _ = writeln!(
             out,
-            "\nroutes (node {}): cache hits {}, misses {}, corrections {}, DHT lookups {} (found {}), meta fallbacks {}",
+            "\nroutes (node {}): cache hits {}, misses {}, corrections {}, epoch hints {}, DHT lookups {} (found {}), meta fallbacks {}",
             status.answered_by,
             routes.cache_hits,
             routes.cache_misses,
             routes.corrections,
+            routes.epoch_hints,
             routes.dht_lookups,
             routes.dht_found,
             routes.meta_fallbacks

@@ -226,6 +226,7 @@ async fn five_nodes_serve_a_room_from_nodes_that_hold_none_of_it() {
     post(&mut at_e, &dave, &room, "after-kill", AckLevel::Quorum).await.expect("post after the leader died");
     let after = routes_of(&cluster, e).await;
     assert!(after.corrections > before.corrections, "the stale route was corrected: {before:?} -> {after:?}");
+    assert!(after.epoch_hints > before.epoch_hints, "a replica's newer epoch replaced the route: {after:?}");
     assert!(after.cache_hits > before.cache_hits, "routes come from the cache: {after:?}");
 }
 
