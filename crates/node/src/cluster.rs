@@ -91,6 +91,16 @@ impl ClusterView {
     }
 }
 
+/// Whether a shard's status shows its voters exactly where placement wants them (no replica
+/// move under way).
+pub fn shard_placed(shard: &palaver_proto::v1::ShardStatus) -> bool {
+    let mut voters = shard.voters.clone();
+    let mut placement = shard.placement.clone();
+    voters.sort_unstable();
+    placement.sort_unstable();
+    voters == placement
+}
+
 /// Refresh the view: from the local meta replica if there is one, else from peers.
 pub async fn refresh_view(node: &Arc<NodeInner>) {
     if let Some(replica) = node.replicas.get(ShardId::META) {

@@ -136,13 +136,7 @@ impl TestCluster {
         wait_for("every shard led and replicated", || async {
             let status = self.status().await?;
             // Voters as placement wants them: no replica move still under way.
-            let placed = |s: &palaver_proto::v1::ShardStatus| {
-                let mut voters = s.voters.clone();
-                let mut placement = s.placement.clone();
-                voters.sort_unstable();
-                placement.sort_unstable();
-                voters == placement
-            };
+            let placed = palaver_node::cluster::shard_placed;
             let ready = status.nodes.len() == n
                 && status.shards.iter().all(|s| s.leader != 0 && s.voters.len() == n.min(3) && placed(s));
             ready.then_some(())

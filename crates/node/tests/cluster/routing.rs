@@ -45,6 +45,23 @@ fn non_replicas(cluster: &TestCluster, status: &StatusResponse, shard: u32) -> V
     status.nodes.iter().filter(|n| !voters.contains(&n.node_id)).map(|n| cluster.index_of(status, n.node_id)).collect()
 }
 
+/// The next message event of `stream`, checked to extend `version_vector` by exactly one dot
+/// (nothing twice, nothing skipped).
+async fn next_message(
+    stream: &mut tonic::Streaming<RoomEvent>,
+    version_vector: &mut std::collections::BTreeMap<u64, u64>,
+) -> palaver_proto::v1::MessageEvent {
+    loop {
+        if let Some(room_event::Event::Message(message)) = next_event(stream).await.event {
+            let position = message.position.expect("position");
+            let held = version_vector.entry(position.replica).or_default();
+            assert_eq!(position.counter, *held + 1, "each replica's events once, in order");
+            *held = position.counter;
+            return message;
+        }
+    }
+}
+
 /// Message events (message id, body) read until `count` arrived, each dot once and in order.
 async fn read_messages(
     stream: &mut tonic::Streaming<RoomEvent>,
@@ -53,15 +70,9 @@ async fn read_messages(
 ) -> Vec<String> {
     let mut bodies = Vec::new();
     while bodies.len() < count {
-        let event = next_event(stream).await;
-        if let Some(room_event::Event::Message(message)) = event.event {
-            let position = message.position.expect("position");
-            let held = version_vector.entry(position.replica).or_default();
-            assert_eq!(position.counter, *held + 1, "each replica's events once, in order");
-            *held = position.counter;
-            if message.kind == palaver_proto::v1::MessageEventKind::Posted as i32 {
-                bodies.push(message.message.expect("message").body);
-            }
+        let message = next_message(stream, version_vector).await;
+        if message.kind == palaver_proto::v1::MessageEventKind::Posted as i32 {
+            bodies.push(message.message.expect("message").body);
         }
     }
     bodies
@@ -166,14 +177,7 @@ async fn five_nodes_serve_a_room_from_nodes_that_hold_none_of_it() {
     // The subscriber sees the edit and the reaction too.
     let mut kinds = Vec::new();
     while kinds.len() < 2 {
-        let event = next_event(&mut stream).await;
-        if let Some(room_event::Event::Message(message)) = event.event {
-            let position = message.position.expect("position");
-            let held = version_vector.entry(position.replica).or_default();
-            assert_eq!(position.counter, *held + 1);
-            *held = position.counter;
-            kinds.push(message.kind);
-        }
+        kinds.push(next_message(&mut stream, &mut version_vector).await.kind);
     }
     use palaver_proto::v1::MessageEventKind;
     assert_eq!(kinds, [MessageEventKind::Edited as i32, MessageEventKind::Reacted as i32]);
@@ -195,18 +199,11 @@ async fn five_nodes_serve_a_room_from_nodes_that_hold_none_of_it() {
     let resume = VersionVector { entries: version_vector.clone().into_iter().collect() };
     let request = SubscribeRequest { room: room.clone(), version_vector: Some(resume) };
     let mut stream = at_f.subscribe(authed(request, &bob)).await.expect("resubscribe").into_inner();
-    let mut got = Vec::new();
-    while got.len() < 2 {
-        let event = next_event(&mut stream).await;
-        if let Some(room_event::Event::Message(message)) = event.event {
-            let position = message.position.expect("position");
-            let held = version_vector.entry(position.replica).or_default();
-            assert_eq!(position.counter, *held + 1, "nothing twice, nothing skipped");
-            *held = position.counter;
-            got.push((message.kind, message.message.map(|m| m.body).unwrap_or_default()));
-        }
+    let mut posted = BTreeSet::new();
+    while posted.len() < 2 {
+        let message = next_message(&mut stream, &mut version_vector).await;
+        posted.insert(message.message.map(|m| m.body).unwrap_or_default());
     }
-    let posted: BTreeSet<String> = got.into_iter().map(|(_, body)| body).collect();
     assert_eq!(posted, BTreeSet::from(["far-3".to_string(), "far-4".to_string()]));
     post(&mut at_e, &ada, &room, "far-live", AckLevel::Quorum).await.expect("post");
     assert_eq!(read_messages(&mut stream, &mut version_vector, 1).await, ["far-live"]);
