@@ -63,6 +63,19 @@ fn spawn(node: &TestNode, bootstrap: &[String], extra: &[String]) -> Child {
         .expect("spawn palaver node")
 }
 
+/// The next event of a subscription, or a failed test after [`WAIT_DEADLINE`] (never a hang).
+pub async fn next_event(stream: &mut tonic::Streaming<palaver_proto::v1::RoomEvent>) -> palaver_proto::v1::RoomEvent {
+    next_or_end(stream).await.expect("stream healthy").expect("stream open")
+}
+
+/// The next item of a subscription (an error or its end included), or a failed test after
+/// [`WAIT_DEADLINE`].
+pub async fn next_or_end(
+    stream: &mut tonic::Streaming<palaver_proto::v1::RoomEvent>,
+) -> Result<Option<palaver_proto::v1::RoomEvent>, tonic::Status> {
+    tokio::time::timeout(WAIT_DEADLINE, stream.message()).await.expect("an event within the deadline")
+}
+
 /// Poll `check` until it returns `Some`, or panic with `what` after [`WAIT_DEADLINE`].
 pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
 where

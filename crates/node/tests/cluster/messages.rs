@@ -10,7 +10,7 @@ use palaver_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use crate::harness::{TestCluster, authed, code, post, user, wait_for};
+use crate::harness::{TestCluster, authed, code, next_event, next_or_end, post, user, wait_for};
 
 async fn history(
     client: &mut ChatServiceClient<Channel>,
@@ -66,7 +66,7 @@ async fn read_until_caught_up(
 ) -> Vec<(MessageEventKind, String)> {
     let mut seen = Vec::new();
     loop {
-        let event = stream.message().await.expect("stream healthy").expect("stream open");
+        let event = next_event(stream).await;
         match event.event.expect("event set") {
             room_event::Event::Message(message) => {
                 let position = message.position.expect("position");
@@ -141,7 +141,7 @@ async fn a_subscriber_resumes_on_another_node_and_gets_each_missed_event_once() 
     // And then live.
     let live = post(&mut first, &ada, "resume", "live", AckLevel::Quorum).await.expect("post");
     loop {
-        let event = stream.message().await.expect("healthy").expect("open");
+        let event = next_event(&mut stream).await;
         if let Some(room_event::Event::Message(message)) = event.event {
             assert_eq!(message.message_id, live);
             assert_eq!(message.message.expect("the message").body, "live");
@@ -160,7 +160,7 @@ async fn wait_for_all(
 ) -> Vec<(MessageEventKind, String)> {
     let mut got = read_until_caught_up(stream, dots, version_vector).await;
     while got.len() < count {
-        let event = stream.message().await.expect("healthy").expect("open");
+        let event = next_event(stream).await;
         if let Some(room_event::Event::Message(message)) = event.event {
             let position = message.position.expect("position");
             assert!(dots.insert((position.replica, position.counter)), "event {position:?} delivered twice");
@@ -276,7 +276,7 @@ async fn typing_presence_and_read_markers_reach_subscribers_on_other_nodes() {
     let mut seen_online = false;
     let mut seen_marker = false;
     while !(seen_typing && seen_online && seen_marker) {
-        let event = stream.message().await.expect("healthy").expect("open");
+        let event = next_event(&mut stream).await;
         if let Some(room_event::Event::State(state)) = event.event {
             seen_typing |= state.typing.contains(&"mia".to_string());
             seen_online |= state.presence.get("mia") == Some(&(PresenceStatus::Online as i32));
@@ -361,7 +361,7 @@ async fn redactions_and_taken_back_reactions_reach_every_replica_and_a_kicked_su
         .expect("kick");
     let mut saw_kick = false;
     let end = loop {
-        match stream.message().await {
+        match next_or_end(&mut stream).await {
             Ok(Some(RoomEvent { event: Some(room_event::Event::Membership(m)), .. })) => {
                 saw_kick |= m.user == "bo" && m.change == "kicked" && m.actor == "ada";
             }

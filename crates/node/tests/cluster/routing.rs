@@ -12,16 +12,7 @@ use palaver_proto::v1::{
 };
 use palaver_router::{Dht, DhtConfig, Entry, RecordKey, RecordSeal, ShardEpoch, ShardRecord, ShardRing};
 
-use crate::harness::{TestCluster, WAIT_DEADLINE, authed, code, post, user, wait_for};
-
-/// The next event of `stream`, or a failed test after [`WAIT_DEADLINE`] (never a hang).
-async fn next_event(stream: &mut tonic::Streaming<RoomEvent>) -> RoomEvent {
-    tokio::time::timeout(WAIT_DEADLINE, stream.message())
-        .await
-        .expect("an event within the deadline")
-        .expect("stream healthy")
-        .expect("stream open")
-}
+use crate::harness::{TestCluster, authed, code, next_event, post, user, wait_for};
 
 const SHARDS: u32 = 8;
 
