@@ -61,19 +61,37 @@ impl NodeIdentity {
 /// The freshest cluster record this node has seen.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
-    /// The meta group's cluster record.
+    /// The meta group's cluster record (set through [`ClusterView::offer`] only).
     pub info: Option<ClusterInfo>,
     /// The meta log index it reflects.
     pub applied_index: u64,
+    /// Placement of every shard (index = shard id), computed when the registered nodes or the
+    /// shard count change: client operations ask for it on every call.
+    placements: Vec<Vec<NodeId>>,
 }
 
 impl ClusterView {
     /// Replace the view if `info` is at least as fresh.
     pub fn offer(&mut self, info: ClusterInfo, applied_index: u64) {
-        if self.info.is_none() || applied_index >= self.applied_index {
-            self.info = Some(info);
-            self.applied_index = applied_index;
+        if self.info.is_some() && applied_index < self.applied_index {
+            return;
         }
+        let same_nodes = self
+            .info
+            .as_ref()
+            .is_some_and(|held| held.shard_count == info.shard_count && held.nodes.keys().eq(info.nodes.keys()));
+        if !same_nodes {
+            let nodes: BTreeSet<NodeId> = info.nodes.keys().copied().collect();
+            self.placements =
+                (0..=info.shard_count).map(|shard| palaver_router::placement(ShardId(shard), &nodes)).collect();
+        }
+        self.info = Some(info);
+        self.applied_index = applied_index;
+    }
+
+    /// The gRPC address of node `id`, if registered.
+    pub fn addr(&self, id: NodeId) -> Option<String> {
+        self.info.as_ref()?.nodes.get(&id).map(|rec| rec.grpc_addr.clone())
     }
 
     /// Registered nodes and their addresses.
@@ -86,8 +104,7 @@ impl ClusterView {
 
     /// Where `shard` should live, by consistent hashing over the registered nodes.
     pub fn placement(&self, shard: ShardId) -> Vec<NodeId> {
-        let nodes: BTreeSet<NodeId> = self.info.as_ref().map(|i| i.nodes.keys().copied().collect()).unwrap_or_default();
-        palaver_router::placement(shard, &nodes)
+        usize::try_from(shard.0).ok().and_then(|i| self.placements.get(i)).cloned().unwrap_or_default()
     }
 }
 

@@ -28,6 +28,7 @@ use palaver_router::{Dht, Entry, NodeRecord, RecordKey, RecordSeal, Route, Route
 use palaver_shard::{Cf, KvEngine, StorageError, WriteBatch};
 
 use crate::env::SharedRng;
+use crate::lock;
 use crate::node::NodeInner;
 
 /// Every published record is put again this often.
@@ -214,8 +215,8 @@ pub async fn resolve_shard(node: &NodeInner, shard: ShardId) -> Route {
 
 /// The gRPC address of `id`: the meta group's registry, else the node's DHT record.
 pub async fn node_addr(node: &NodeInner, id: NodeId) -> Option<String> {
-    if let Some(addr) = node.view().nodes().get(&id) {
-        return Some(addr.clone());
+    if let Some(addr) = node.view().addr(id) {
+        return Some(addr);
     }
     let known = lock(&node.directory.nodes).get(&id).map(|r| r.grpc_addr.clone());
     if known.is_some() {
@@ -229,10 +230,6 @@ pub async fn node_addr(node: &NodeInner, id: NodeId) -> Option<String> {
         }
         _ => None,
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Publish what changed (or is due again): the node's own record, and the directory record of
@@ -276,18 +273,7 @@ pub fn publish(node: &NodeInner) {
 /// epoch (current term, membership log index). A follower's view, not only a leader's.
 pub fn known_shard_record(node: &NodeInner, replica: &palaver_shard::Replica) -> ShardRecord {
     let metrics = replica.raft.metrics();
-    let metrics = metrics.borrow_watched();
-    let membership = &metrics.membership_config;
-    ShardRecord {
-        cluster_id: node.identity.cluster_id.clone(),
-        shard: replica.shard,
-        replicas: membership.membership().voter_ids().map(NodeId).collect(),
-        leader: metrics.current_leader.map(NodeId),
-        epoch: ShardEpoch {
-            term: metrics.current_term,
-            config_index: membership.log_id().as_ref().map_or(0, |id| id.index),
-        },
-    }
+    shard_record(node, replica.shard, &metrics.borrow_watched())
 }
 
 /// The directory record of `replica`'s shard, if this node leads it.
@@ -296,20 +282,26 @@ fn led_shard_record(node: &NodeInner, replica: &palaver_shard::Replica) -> Optio
     // One borrow, and no Raft call while it is held: the metrics live behind a fair RwLock, and
     // a second read (`is_leader` borrows them too) behind openraft's waiting writer deadlocks.
     let metrics = metrics.borrow_watched();
-    if metrics.current_leader != Some(node.id.0) || metrics.state != openraft::ServerState::Leader {
-        return None;
-    }
+    let leads = metrics.current_leader == Some(node.id.0) && metrics.state == openraft::ServerState::Leader;
+    leads.then(|| shard_record(node, replica.shard, &metrics))
+}
+
+fn shard_record(
+    node: &NodeInner,
+    shard: ShardId,
+    metrics: &openraft::RaftMetrics<palaver_shard::types::TypeConfig>,
+) -> ShardRecord {
     let membership = &metrics.membership_config;
-    Some(ShardRecord {
+    ShardRecord {
         cluster_id: node.identity.cluster_id.clone(),
-        shard: replica.shard,
+        shard,
         replicas: membership.membership().voter_ids().map(NodeId).collect(),
-        leader: Some(node.id),
+        leader: metrics.current_leader.map(NodeId),
         epoch: ShardEpoch {
             term: metrics.current_term,
             config_index: membership.log_id().as_ref().map_or(0, |id| id.index),
         },
-    })
+    }
 }
 
 /// Dial the nodes the routing table lacks, asking each for its libp2p addresses over gRPC

@@ -34,6 +34,7 @@ use tonic::Status;
 
 use crate::convert;
 use crate::error::ApiError;
+use crate::lock;
 use crate::node::NodeInner;
 use crate::ops::Ops;
 use crate::remote::{ClientAnswer, ClientOp};
@@ -57,10 +58,6 @@ impl Feeds {
     pub fn open(&self) -> usize {
         lock(&self.rooms).values().filter(|feed| feed.strong_count() > 0).count()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// One buffered event.

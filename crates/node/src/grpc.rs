@@ -370,6 +370,7 @@ impl AdminService for AdminApi {
         crate::cluster::refresh_view(&self.node).await;
         let view = self.node.view().clone();
         let nodes = view.nodes();
+        // Every node's own report and the DHT's directory records, asked for together.
         let reports = join_all(nodes.iter().map(|(id, addr)| {
             let node = self.node.clone();
             let (id, addr) = (*id, addr.clone());
@@ -385,15 +386,15 @@ impl AdminService for AdminApi {
                     _ => (id, None),
                 }
             }
-        }))
-        .await;
+        }));
+        let (reports, directory) = tokio::join!(reports, crate::directory::directory_view(&self.node));
         let mut shards: BTreeMap<u32, pb::ShardStatus> = (0..=self.node.identity.shard_count)
             .map(|s| {
                 let placement = view.placement(ShardId(s)).iter().map(|n| n.0).collect();
                 (s, pb::ShardStatus { shard: s, placement, ..Default::default() })
             })
             .collect();
-        for (shard, record) in crate::directory::directory_view(&self.node).await {
+        for (shard, record) in directory {
             let Some(entry) = shards.get_mut(&shard.0) else { continue };
             entry.directory = Some(match record {
                 Some(record) => pb::DirectoryRecord {

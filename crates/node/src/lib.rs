@@ -61,3 +61,8 @@ pub mod subscribe;
 pub use env::{Clock, Dialer, NodeEnv, SharedRng, SystemClock, TcpDialer};
 pub use error::ApiError;
 pub use node::{Bootstrap, Node, NodeConfig, NodeError};
+
+/// Lock `mutex`, taking the data of a poisoned one (a panic elsewhere must not stop the node).
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}

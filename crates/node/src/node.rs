@@ -202,8 +202,7 @@ impl NodeInner {
             let metrics = openraft::async_runtime::WatchReceiver::borrow_watched(&metrics);
             metrics.membership_config.membership().voter_ids().any(|id| id == self.id.0)
         };
-        let _ = voter;
-        Some(replica)
+        voter.then_some(replica)
     }
 
     /// Milliseconds since the Unix epoch, from the injected clock.

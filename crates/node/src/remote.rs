@@ -17,7 +17,7 @@ use std::hash::{Hash, Hasher};
 use palaver_crdt::{Hlc, Position};
 use palaver_ids::{NodeId, RoomId, UserName};
 use palaver_router::{Route, ShardEpoch, ShardRecord};
-use palaver_shard::{Role, keys};
+use palaver_shard::{Replica, Role, keys};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
@@ -212,22 +212,25 @@ fn rotated(replicas: &[NodeId], room: &RoomId) -> Vec<NodeId> {
 pub async fn answer(ops: &Ops, frame: &[u8]) -> Result<Vec<u8>, ApiError> {
     let call: ClientCall = keys::decode(frame).map_err(|e| ApiError::invalid("client call", e.to_string()))?;
     let shard = ops.node().ring.shard_of_room(&call.room);
-    let caller_epoch = call.epoch;
-    let result = run(ops, call).await;
-    let hint = ops
-        .node()
-        .serving_replica(shard)
-        .map(|replica| crate::directory::known_shard_record(ops.node(), &replica))
-        .filter(|record| record.epoch > caller_epoch);
-    Ok(keys::encode(&ClientReply { result, hint })?)
+    let reply = match ops.node().serving_replica(shard) {
+        None => ClientReply { result: Err(Declined::NotReplica), hint: None },
+        Some(replica) => {
+            let caller_epoch = call.epoch;
+            let result = run(ops, &replica, call).await.map_err(Declined::Api);
+            let hint = Some(crate::directory::known_shard_record(ops.node(), &replica))
+                .filter(|record| record.epoch > caller_epoch);
+            ClientReply { result, hint }
+        }
+    };
+    Ok(keys::encode(&reply)?)
 }
 
-async fn run(ops: &Ops, call: ClientCall) -> Result<ClientAnswer, Declined> {
+/// Run `call` through the same [`Ops`] method a local client reaches; `replica` is this
+/// node's serving replica of the room's shard.
+async fn run(ops: &Ops, replica: &Replica, call: ClientCall) -> Result<ClientAnswer, ApiError> {
     let ClientCall { user, room, op, .. } = call;
-    let shard = ops.node().ring.shard_of_room(&room);
-    let Some(replica) = ops.node().serving_replica(shard) else { return Err(Declined::NotReplica) };
     let name = room.as_str();
-    let result = match op {
+    match op {
         ClientOp::Post { body, client_message_id, ack, seen } => {
             ops.post(&user, name, &body, &client_message_id, ack, seen).await.map(ClientAnswer::Write)
         }
@@ -241,9 +244,8 @@ async fn run(ops: &Ops, call: ClientCall) -> Result<ClientAnswer, Declined> {
         }
         ClientOp::Side(write) => ops.side_write(&user, name, write).await.map(|()| ClientAnswer::Done),
         ClientOp::Unread => ops.unread_count(&user, &room).await.map(ClientAnswer::Unread),
-        ClientOp::Role => ops.member_role(&replica, &room, &user).await.map(ClientAnswer::Role),
-    };
-    result.map_err(Declined::Api)
+        ClientOp::Role => ops.member_role(replica, &room, &user).await.map(ClientAnswer::Role),
+    }
 }
 
 #[cfg(test)]

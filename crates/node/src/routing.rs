@@ -91,7 +91,7 @@ pub async fn read_local(node: &NodeInner, shard: ShardId, query: &Query) -> Resu
 
 /// The redirect this node answers with when it cannot serve a request for `shard`.
 pub fn redirect(node: &NodeInner, leader: Option<NodeId>, reason: &str) -> Redirect {
-    let leader_addr = leader.and_then(|id| node.view().nodes().get(&id).cloned()).unwrap_or_default();
+    let leader_addr = leader.and_then(|id| node.view().addr(id)).unwrap_or_default();
     Redirect { leader_id: leader.map_or(0, |id| id.0), leader_addr, reason: reason.to_owned() }
 }
 
