@@ -1,16 +1,139 @@
-//! Every authenticated client write, implemented once over protobuf types: the unary
-//! `ChatService` calls and the `Pipeline` stream both come here (and so will WebSocket frames),
-//! so no operation exists twice. Each function takes the caller (already authenticated) and the
-//! request, runs it through [`Ops`], and returns the reply or a typed [`ApiError`].
+//! Every client operation, implemented once over protobuf types: the unary `ChatService`
+//! calls, the `Pipeline` stream, WebSocket frames and the HTTP routes ([`crate::http`]) all
+//! come here, so no operation exists twice. Each function takes the caller (already
+//! authenticated, except for register and login) and the request, runs it through [`Ops`], and
+//! returns the reply or a typed [`ApiError`].
 
-use palaver_ids::UserName;
+use palaver_ids::{ShardId, UserName};
 use palaver_proto::v1 as pb;
+use palaver_shard::meta::Room;
+use palaver_shard::{Role, RoomSettings, Visibility};
 
-use crate::convert;
+use crate::convert::{self, role_to_pb};
 use crate::error::ApiError;
 use crate::messaging::{SideWrite, WriteAck};
 use crate::ops::{Ops, TargetAction};
 use crate::routing::Committed;
+
+pub fn visibility_from_pb(visibility: i32) -> Result<Visibility, ApiError> {
+    match pb::Visibility::try_from(visibility) {
+        Ok(pb::Visibility::Public) => Ok(Visibility::Public),
+        Ok(pb::Visibility::InviteOnly) => Ok(Visibility::InviteOnly),
+        Err(_) => Err(ApiError::invalid("visibility", "unknown value")),
+    }
+}
+
+pub fn visibility_to_pb(visibility: Visibility) -> i32 {
+    match visibility {
+        Visibility::Public => pb::Visibility::Public as i32,
+        Visibility::InviteOnly => pb::Visibility::InviteOnly as i32,
+    }
+}
+
+pub fn room_to_pb(id: &str, shard: ShardId, room: &Room, viewer: &palaver_ids::UserName) -> pb::Room {
+    let can_see_bans = matches!(room.role_of(viewer), Some(Role::Admin | Role::Owner));
+    pb::Room {
+        room: id.to_owned(),
+        title: room.settings.title.clone(),
+        topic: room.settings.topic.clone(),
+        visibility: visibility_to_pb(room.settings.visibility),
+        members: room
+            .members
+            .iter()
+            .map(|(user, m)| pb::Member {
+                user: user.0.clone(),
+                role: role_to_pb(Some(m.role)),
+                joined_at_ms: m.joined_at_ms,
+            })
+            .collect(),
+        banned: if can_see_bans { room.banned.keys().map(|u| u.0.clone()).collect() } else { Vec::new() },
+        shard: shard.0,
+        created_at_ms: room.created_at_ms,
+    }
+}
+
+/// Register a user.
+pub async fn register(ops: &Ops, request: pb::RegisterRequest) -> Result<pb::RegisterResponse, ApiError> {
+    let user = ops.register(&request.user, &request.password).await?;
+    Ok(pb::RegisterResponse { user: user.0 })
+}
+
+/// Log in: a token for the user.
+pub async fn login(ops: &Ops, request: pb::LoginRequest) -> Result<pb::LoginResponse, ApiError> {
+    let login = ops.login(&request.user, &request.password).await?;
+    Ok(pb::LoginResponse { token: login.token, expires_at_ms: login.expires_at_ms })
+}
+
+/// Create a room; the caller becomes its owner.
+pub async fn create_room(ops: &Ops, user: &UserName, request: pb::CreateRoomRequest) -> Result<pb::Room, ApiError> {
+    let settings = RoomSettings {
+        title: request.title,
+        topic: request.topic,
+        visibility: visibility_from_pb(request.visibility)?,
+    };
+    let (shard, room) = ops.create_room(user, &request.room, settings).await?;
+    Ok(room_to_pb(&request.room, shard, &room, user))
+}
+
+/// A room, its members and settings.
+pub async fn get_room(ops: &Ops, user: &UserName, request: pb::RoomRequest) -> Result<pb::Room, ApiError> {
+    let (shard, room) = ops.get_room(user, &request.room).await?;
+    Ok(room_to_pb(&request.room, shard, &room, user))
+}
+
+/// Change a room's settings.
+pub async fn update_room(ops: &Ops, user: &UserName, request: pb::UpdateRoomRequest) -> Result<pb::Room, ApiError> {
+    let settings = RoomSettings {
+        title: request.title,
+        topic: request.topic,
+        visibility: visibility_from_pb(request.visibility)?,
+    };
+    let (shard, room) = ops.update_room(user, &request.room, settings).await?;
+    Ok(room_to_pb(&request.room, shard, &room, user))
+}
+
+/// Delete a room.
+pub async fn delete_room(ops: &Ops, user: &UserName, request: pb::RoomRequest) -> Result<pb::Ack, ApiError> {
+    let done = ops.delete_room(user, &request.room).await?;
+    Ok(ack(ops, &request.room, done))
+}
+
+/// The rooms the caller can see, with unread counts in the rooms they belong to.
+pub async fn list_rooms(ops: &Ops, user: &UserName) -> Result<pb::ListRoomsResponse, ApiError> {
+    let (rooms, unavailable_shards) = ops.list_rooms(user).await?;
+    let rooms = rooms
+        .into_iter()
+        .map(|r| pb::RoomSummary {
+            room: r.room.0,
+            title: r.settings.title,
+            topic: r.settings.topic,
+            visibility: visibility_to_pb(r.settings.visibility),
+            member_count: r.member_count,
+            my_role: role_to_pb(r.my_role),
+            unread_count: r.unread_count,
+        })
+        .collect();
+    Ok(pb::ListRoomsResponse { rooms, unavailable_shards })
+}
+
+/// A page of a room's history.
+pub async fn history(ops: &Ops, user: &UserName, request: pb::HistoryRequest) -> Result<pb::HistoryResponse, ApiError> {
+    let before = request.before.as_ref().map(convert::position_from_pb);
+    let after = request.after.as_ref().map(convert::position_from_pb);
+    let limit = usize::try_from(request.limit).unwrap_or(usize::MAX);
+    let page = ops.history(user, &request.room, before, after, limit, request.oldest_first).await?;
+    Ok(pb::HistoryResponse { messages: page.messages.iter().map(convert::message_to_pb).collect(), more: page.more })
+}
+
+/// Subscribe to a room from the client's version vector.
+pub async fn subscribe(
+    ops: &Ops,
+    user: &UserName,
+    request: pb::SubscribeRequest,
+) -> Result<crate::subscribe::EventStream, ApiError> {
+    let have = convert::version_vector_from_pb(request.version_vector.as_ref());
+    ops.subscribe(user, &request.room, have).await
+}
 
 /// The answer to a committed membership or room change of `room`.
 pub fn ack(ops: &Ops, room: &str, done: Committed) -> pb::Ack {

@@ -16,14 +16,13 @@ use palaver_proto::v1 as pb;
 use palaver_proto::v1::admin_service_server::{AdminService, AdminServiceServer};
 use palaver_proto::v1::chat_service_server::{ChatService, ChatServiceServer};
 use palaver_proto::v1::peer_service_server::{PeerService, PeerServiceServer};
-use palaver_shard::meta::Room;
 use palaver_shard::types::{Snapshot, SnapshotMeta, Vote};
-use palaver_shard::{Command, Outcome, Role, RoomSettings, Visibility, keys};
+use palaver_shard::{Command, Outcome, keys};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tonic::{Request, Response, Status};
 
-use crate::convert::{self, role_to_pb};
+use crate::convert;
 use crate::dispatch;
 use crate::error::ApiError;
 use crate::limits::{CLIENT_MESSAGE_BYTES_MAX, PEER_MESSAGE_BYTES_MAX};
@@ -87,43 +86,6 @@ fn bearer<T>(request: &Request<T>) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
 }
 
-fn visibility_from_pb(visibility: i32) -> Result<Visibility, ApiError> {
-    match pb::Visibility::try_from(visibility) {
-        Ok(pb::Visibility::Public) => Ok(Visibility::Public),
-        Ok(pb::Visibility::InviteOnly) => Ok(Visibility::InviteOnly),
-        Err(_) => Err(ApiError::invalid("visibility", "unknown value")),
-    }
-}
-
-fn visibility_to_pb(visibility: Visibility) -> i32 {
-    match visibility {
-        Visibility::Public => pb::Visibility::Public as i32,
-        Visibility::InviteOnly => pb::Visibility::InviteOnly as i32,
-    }
-}
-
-fn room_to_pb(id: &str, shard: ShardId, room: &Room, viewer: &palaver_ids::UserName) -> pb::Room {
-    let can_see_bans = matches!(room.role_of(viewer), Some(Role::Admin | Role::Owner));
-    pb::Room {
-        room: id.to_owned(),
-        title: room.settings.title.clone(),
-        topic: room.settings.topic.clone(),
-        visibility: visibility_to_pb(room.settings.visibility),
-        members: room
-            .members
-            .iter()
-            .map(|(user, m)| pb::Member {
-                user: user.0.clone(),
-                role: role_to_pb(Some(m.role)),
-                joined_at_ms: m.joined_at_ms,
-            })
-            .collect(),
-        banned: if can_see_bans { room.banned.keys().map(|u| u.0.clone()).collect() } else { Vec::new() },
-        shard: shard.0,
-        created_at_ms: room.created_at_ms,
-    }
-}
-
 /// `palaver.v1.ChatService`.
 #[derive(Debug)]
 struct ChatApi {
@@ -141,34 +103,21 @@ impl ChatApi {
 #[tonic::async_trait]
 impl ChatService for ChatApi {
     async fn register(&self, request: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
-        let request = request.into_inner();
-        let user = self.ops.register(&request.user, &request.password).await?;
-        Ok(Response::new(pb::RegisterResponse { user: user.0 }))
+        Ok(Response::new(dispatch::register(&self.ops, request.into_inner()).await?))
     }
 
     async fn login(&self, request: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
-        let request = request.into_inner();
-        let login = self.ops.login(&request.user, &request.password).await?;
-        Ok(Response::new(pb::LoginResponse { token: login.token, expires_at_ms: login.expires_at_ms }))
+        Ok(Response::new(dispatch::login(&self.ops, request.into_inner()).await?))
     }
 
     async fn create_room(&self, request: Request<pb::CreateRoomRequest>) -> Result<Response<pb::Room>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let settings = RoomSettings {
-            title: request.title,
-            topic: request.topic,
-            visibility: visibility_from_pb(request.visibility)?,
-        };
-        let (shard, room) = self.ops.create_room(&user, &request.room, settings).await?;
-        Ok(Response::new(room_to_pb(&request.room, shard, &room, &user)))
+        Ok(Response::new(dispatch::create_room(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn get_room(&self, request: Request<pb::RoomRequest>) -> Result<Response<pb::Room>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let (shard, room) = self.ops.get_room(&user, &request.room).await?;
-        Ok(Response::new(room_to_pb(&request.room, shard, &room, &user)))
+        Ok(Response::new(dispatch::get_room(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn list_rooms(
@@ -176,39 +125,17 @@ impl ChatService for ChatApi {
         request: Request<pb::ListRoomsRequest>,
     ) -> Result<Response<pb::ListRoomsResponse>, Status> {
         let user = self.user(&request)?;
-        let (rooms, unavailable_shards) = self.ops.list_rooms(&user).await?;
-        let rooms = rooms
-            .into_iter()
-            .map(|r| pb::RoomSummary {
-                room: r.room.0,
-                title: r.settings.title,
-                topic: r.settings.topic,
-                visibility: visibility_to_pb(r.settings.visibility),
-                member_count: r.member_count,
-                my_role: role_to_pb(r.my_role),
-                unread_count: r.unread_count,
-            })
-            .collect();
-        Ok(Response::new(pb::ListRoomsResponse { rooms, unavailable_shards }))
+        Ok(Response::new(dispatch::list_rooms(&self.ops, &user).await?))
     }
 
     async fn delete_room(&self, request: Request<pb::RoomRequest>) -> Result<Response<pb::Ack>, Status> {
         let user = self.user(&request)?;
-        let room = request.into_inner().room;
-        let done = self.ops.delete_room(&user, &room).await?;
-        Ok(Response::new(dispatch::ack(&self.ops, &room, done)))
+        Ok(Response::new(dispatch::delete_room(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn update_room(&self, request: Request<pb::UpdateRoomRequest>) -> Result<Response<pb::Room>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let settings = RoomSettings {
-            title: request.title,
-            topic: request.topic,
-            visibility: visibility_from_pb(request.visibility)?,
-        };
-        let (shard, room) = self.ops.update_room(&user, &request.room, settings).await?;
-        Ok(Response::new(room_to_pb(&request.room, shard, &room, &user)))
+        Ok(Response::new(dispatch::update_room(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn join(&self, request: Request<pb::RoomRequest>) -> Result<Response<pb::Ack>, Status> {
@@ -268,15 +195,7 @@ impl ChatService for ChatApi {
 
     async fn history(&self, request: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let before = request.before.as_ref().map(convert::position_from_pb);
-        let after = request.after.as_ref().map(convert::position_from_pb);
-        let limit = usize::try_from(request.limit).unwrap_or(usize::MAX);
-        let page = self.ops.history(&user, &request.room, before, after, limit, request.oldest_first).await?;
-        Ok(Response::new(pb::HistoryResponse {
-            messages: page.messages.iter().map(convert::message_to_pb).collect(),
-            more: page.more,
-        }))
+        Ok(Response::new(dispatch::history(&self.ops, &user, request.into_inner()).await?))
     }
 
     type SubscribeStream = crate::subscribe::EventStream;
@@ -286,9 +205,7 @@ impl ChatService for ChatApi {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let user = self.user(&request)?;
-        let request = request.into_inner();
-        let have = convert::version_vector_from_pb(request.version_vector.as_ref());
-        Ok(Response::new(self.ops.subscribe(&user, &request.room, have).await?))
+        Ok(Response::new(dispatch::subscribe(&self.ops, &user, request.into_inner()).await?))
     }
 
     async fn set_presence(
