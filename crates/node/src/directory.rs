@@ -246,7 +246,7 @@ pub fn publish(node: &NodeInner) {
             node: node.id,
             peer_id: dht.peer_id().to_string(),
             grpc_addr: node.advertise_addr.clone(),
-            http_addr: None,
+            http_addr: node.http_addr.clone(),
             p2p_addrs: directory.p2p_addrs(),
             epoch: directory.boot,
         });
@@ -322,6 +322,7 @@ async fn reconnect(node: &NodeInner) {
         }
         published.reconnect_at_ms = now_ms;
     }
+    refresh_http_addrs(node).await;
     let others: Vec<String> =
         node.view().nodes().into_iter().filter(|(id, _)| *id != node.id).map(|(_, addr)| addr).collect();
     if dht.peers().len() >= others.len() {
@@ -331,6 +332,58 @@ async fn reconnect(node: &NodeInner) {
         let Ok(link) = node.replicas.peers().link(&addr) else { continue };
         let Ok(reply) = link.client().cluster_map(ClusterMapRequest {}).await else { continue };
         dial_all(dht, &reply.into_inner().p2p_addrs).await;
+    }
+}
+
+/// Every node's HTTP address this node knows, by node id: its own, and the others' from their
+/// DHT node records (looked up in the background by [`keep_connected`]). A web page learns the
+/// list so that it can move to another node when its own dies.
+pub fn http_addrs(node: &NodeInner) -> Vec<(NodeId, String)> {
+    let known = lock(&node.directory.nodes);
+    let mut addrs: Vec<(NodeId, String)> = node
+        .view()
+        .nodes()
+        .into_keys()
+        .filter_map(|id| {
+            if id == node.id {
+                return node.http_addr.clone().map(|addr| (id, addr));
+            }
+            known.get(&id).and_then(|record| record.http_addr.clone()).map(|addr| (id, addr))
+        })
+        .collect();
+    if addrs.is_empty()
+        && let Some(own) = &node.http_addr
+    {
+        addrs.push((node.id, own.clone()));
+    }
+    addrs
+}
+
+/// Look up the node records of registered nodes whose HTTP address is not known yet.
+async fn refresh_http_addrs(node: &NodeInner) {
+    let missing: Vec<NodeId> = {
+        let known = lock(&node.directory.nodes);
+        node.view()
+            .nodes()
+            .into_keys()
+            .filter(|id| *id != node.id && known.get(id).is_none_or(|r| r.http_addr.is_none()))
+            .collect()
+    };
+    let found = futures::future::join_all(missing.into_iter().map(|id| async move {
+        match node.directory.lookup(&RecordKey::Node(id)).await {
+            Some(Entry::Node(record)) if record.cluster_id == node.identity.cluster_id && record.node == id => {
+                Some(record)
+            }
+            _ => None,
+        }
+    }))
+    .await;
+    let mut known = lock(&node.directory.nodes);
+    for record in found.into_iter().flatten() {
+        let newer = known.get(&record.node).is_none_or(|held| held.epoch <= record.epoch);
+        if newer {
+            known.insert(record.node, record);
+        }
     }
 }
 

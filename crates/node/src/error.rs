@@ -61,6 +61,34 @@ pub enum ApiError {
         /// The shard.
         shard: u32,
     },
+    /// A WebSocket frame or HTTP body that is not what the protocol allows: not JSON, an
+    /// unknown operation, arguments of the wrong shape.
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// A frame, body or stream is larger than the node accepts.
+    #[error("{what} is larger than {limit} bytes")]
+    TooLarge {
+        /// What was too large.
+        what: std::borrow::Cow<'static, str>,
+        /// The limit.
+        limit: usize,
+    },
+    /// A per-connection or per-address limit is reached (connections from one address,
+    /// subscriptions on one connection); close something first.
+    #[error("limit reached: at most {limit} {what}")]
+    LimitReached {
+        /// What is limited.
+        what: std::borrow::Cow<'static, str>,
+        /// The limit.
+        limit: usize,
+    },
+    /// A subscription fell too far behind and was ended; resubscribe from the version vector
+    /// held, which misses nothing.
+    #[error("subscriber too slow ({0}); resubscribe with your version vector")]
+    SlowConsumer(String),
+    /// A browser page from another origin tried to open a WebSocket.
+    #[error("origin {0} is not allowed")]
+    ForbiddenOrigin(String),
     /// A bug or an I/O failure on the node.
     #[error("internal error: {0}")]
     Internal(String),
@@ -80,6 +108,7 @@ impl ApiError {
                 | ApiError::NotReady
                 | ApiError::RateLimited { .. }
                 | ApiError::QuorumTimeout { .. }
+                | ApiError::SlowConsumer(_)
         )
     }
 
@@ -95,6 +124,11 @@ impl ApiError {
             ApiError::MessageNotFound(_) => "message_not_found",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::QuorumTimeout { .. } => "quorum_timeout",
+            ApiError::Malformed(_) => "malformed",
+            ApiError::TooLarge { .. } => "too_large",
+            ApiError::LimitReached { .. } => "limit_reached",
+            ApiError::SlowConsumer(_) => "slow_consumer",
+            ApiError::ForbiddenOrigin(_) => "forbidden_origin",
             ApiError::Refused(refusal) => match refusal {
                 Refusal::AlreadyInitialized => "already_initialized",
                 Refusal::NotMetaShard => "not_meta_shard",
@@ -113,6 +147,25 @@ impl ApiError {
         }
     }
 
+    /// The HTTP status this error maps to (HTTP routes and WebSocket upgrades).
+    pub fn http_status(&self) -> u16 {
+        use tonic::Code;
+        match self {
+            ApiError::TooLarge { .. } => 413,
+            ApiError::RateLimited { .. } | ApiError::LimitReached { .. } => 429,
+            _ => match self.grpc_code() {
+                Code::InvalidArgument | Code::OutOfRange => 400,
+                Code::Unauthenticated => 401,
+                Code::PermissionDenied => 403,
+                Code::NotFound => 404,
+                Code::AlreadyExists | Code::FailedPrecondition | Code::Aborted => 409,
+                Code::ResourceExhausted => 429,
+                Code::Unavailable => 503,
+                _ => 500,
+            },
+        }
+    }
+
     /// The gRPC status code this error maps to.
     pub fn grpc_code(&self) -> tonic::Code {
         use tonic::Code;
@@ -124,6 +177,11 @@ impl ApiError {
             ApiError::Internal(_) => Code::Internal,
             ApiError::MessageNotFound(_) => Code::NotFound,
             ApiError::RateLimited { .. } => Code::ResourceExhausted,
+            ApiError::Malformed(_) => Code::InvalidArgument,
+            ApiError::TooLarge { .. } | ApiError::LimitReached { .. } | ApiError::SlowConsumer(_) => {
+                Code::ResourceExhausted
+            }
+            ApiError::ForbiddenOrigin(_) => Code::PermissionDenied,
             ApiError::Refused(refusal) => match refusal {
                 Refusal::UserExists(_) | Refusal::RoomExists(_) | Refusal::AlreadyMember { .. } => Code::AlreadyExists,
                 Refusal::RoomNotFound(_) => Code::NotFound,

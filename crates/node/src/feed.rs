@@ -275,9 +275,7 @@ impl Subscriber {
             let (items, ended, side) = {
                 let state = lock(&self.feed.state);
                 if cursor < state.oldest_seq() {
-                    return End::Error(Status::resource_exhausted(
-                        "subscriber fell behind its node's feed; resubscribe with your version vector",
-                    ));
+                    return End::Error(ApiError::SlowConsumer("fell behind its node's feed".into()).into());
                 }
                 let skip = usize::try_from(cursor - state.oldest_seq()).unwrap_or(usize::MAX);
                 let items: Vec<Item> = state.items.iter().skip(skip).cloned().collect();

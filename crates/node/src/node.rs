@@ -57,6 +57,8 @@ pub struct NodeConfig {
     /// Where the libp2p swarm listens (a multiaddr; port 0 picks one). `None` runs the node
     /// without a DHT: routes then come from the meta group alone.
     pub p2p_listen: Option<String>,
+    /// The HTTP surface (web page, WebSocket, HTTP API, metrics); `None` serves none.
+    pub http: Option<crate::http::HttpOptions>,
 }
 
 /// Errors that stop a node from starting.
@@ -106,6 +108,10 @@ pub struct NodeInner {
     pub directory: crate::directory::Directory,
     /// Room feeds for local subscribers of rooms this node holds no replica of.
     pub feeds: crate::feed::Feeds,
+    /// Where browsers and HTTP clients reach it (`host:port`), if it serves HTTP.
+    pub http_addr: Option<String>,
+    /// Request counters and latency histograms of the client surfaces.
+    pub metrics: crate::metrics::Metrics,
     /// Random per start: with `request_seq`, identifies the commands this node submits.
     request_boot: u64,
     request_seq: std::sync::atomic::AtomicU64,
@@ -178,6 +184,12 @@ impl NodeInner {
         SubscriptionGuard { node: self.clone(), user: user.clone(), room: room.clone() }
     }
 
+    /// Client subscriptions open on this node.
+    pub fn subscription_count(&self) -> u64 {
+        let subscriptions = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        subscriptions.values().flat_map(|rooms| rooms.values()).map(|n| *n as u64).sum()
+    }
+
     /// The rooms `user` is subscribed to on this node.
     pub fn subscribed_rooms(&self, user: &UserName) -> Vec<String> {
         let subscriptions = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
@@ -217,6 +229,16 @@ impl NodeInner {
         let id = palaver_shard::RequestId { origin: self.id.0, boot: self.request_boot, seq };
         Command::Request { id, at_ms: self.now_ms(), command: Box::new(command) }
     }
+}
+
+/// The address to advertise for a listener bound to `bound`: itself, unless it is a wildcard
+/// address, then the host others reach the node's gRPC address at.
+fn advertised(bound: std::net::SocketAddr, grpc_advertise: &str) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let host = grpc_advertise.rsplit_once(':').map_or(grpc_advertise, |(host, _)| host);
+    format!("{host}:{}", bound.port())
 }
 
 /// A running node. Dropping it does not stop it; call [`Node::shutdown`].
@@ -286,6 +308,17 @@ impl Node {
                 )));
             }
         };
+        let http = match &config.http {
+            Some(options) => {
+                let listener = TcpListener::bind(&options.listen)
+                    .await
+                    .map_err(|e| NodeError::Server(format!("HTTP address {}: {e}", options.listen)))?;
+                let bound = listener.local_addr().map_err(|e| NodeError::Server(e.to_string()))?;
+                Some((listener, options.clone(), advertised(bound, &config.advertise_addr)))
+            }
+            None => None,
+        };
+        let http_addr = http.as_ref().map(|(_, _, addr)| addr.clone());
         let request_boot = u64::from_be_bytes(env.rng.bytes(8).try_into().unwrap_or([0; 8]));
         let directory = crate::directory::Directory::new(dht, &identity.token_secret, boot);
         if let Some(dht) = &directory.dht {
@@ -304,6 +337,8 @@ impl Node {
             replication: crate::replication::Replication::default(),
             directory,
             feeds: crate::feed::Feeds::default(),
+            http_addr,
+            metrics: crate::metrics::Metrics::default(),
             request_boot,
             request_seq: std::sync::atomic::AtomicU64::new(0),
             view: RwLock::new(ClusterView::default()),
@@ -311,10 +346,12 @@ impl Node {
             subscriptions: Mutex::new(BTreeMap::new()),
         });
         let (stop, stopped) = watch::channel(false);
-        let tasks = vec![
-            tokio::spawn(crate::grpc::serve(inner.clone(), listener, stopped.clone())),
-            tokio::spawn(reconcile_loop(inner.clone(), stopped)),
-        ];
+        let mut tasks = vec![tokio::spawn(crate::grpc::serve(inner.clone(), listener, stopped.clone()))];
+        if let Some((listener, options, addr)) = http {
+            tracing::info!(node = %inner.id, %addr, "HTTP surface listening");
+            tasks.push(tokio::spawn(crate::http::serve(inner.clone(), listener, options, stopped.clone())));
+        }
+        tasks.push(tokio::spawn(reconcile_loop(inner.clone(), stopped)));
         tracing::info!(node = %inner.id, addr = %inner.advertise_addr, "node started");
         Ok(Node { inner, stop, tasks, local_addr })
     }

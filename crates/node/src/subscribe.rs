@@ -180,9 +180,9 @@ impl Subscription {
                 },
                 command = applied.recv() => match command {
                     Ok(command) => self.membership(&command).await,
-                    Err(broadcast::error::RecvError::Lagged(missed)) => Err(End::Error(Status::resource_exhausted(
-                        format!("subscriber fell {missed} membership changes behind; resubscribe with your version vector"),
-                    ))),
+                    Err(broadcast::error::RecvError::Lagged(missed)) => Err(End::Error(
+                        ApiError::SlowConsumer(format!("fell {missed} membership changes behind")).into(),
+                    )),
                     Err(broadcast::error::RecvError::Closed) => Err(End::Gone),
                 },
                 () = self.sender.closed() => Err(End::Gone),

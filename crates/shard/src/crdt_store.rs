@@ -781,6 +781,28 @@ impl CrdtStore {
         behind
     }
 
+    /// For each peer replica this one knows of: how many events this replica holds that the
+    /// peer is not known to hold, over every room (replication lag, for metrics).
+    pub fn peer_lag(&self) -> Vec<(ReplicaId, u64)> {
+        let peers = lock(&self.inner.peers);
+        let index = lock(&self.inner.index);
+        peers
+            .iter()
+            .filter(|(peer, _)| **peer != self.inner.replica)
+            .map(|(peer, knowledge)| {
+                let mut missing = 0u64;
+                for (room, (vv, _)) in index.iter() {
+                    let held = knowledge.rooms.get(room);
+                    for (replica, counter) in vv.iter() {
+                        let theirs = held.map_or(0, |h| h.get(replica));
+                        missing = missing.saturating_add(counter.saturating_sub(theirs));
+                    }
+                }
+                (*peer, missing)
+            })
+            .collect()
+    }
+
     /// The room's side state now.
     pub async fn side_state(&self, room: &RoomId) -> Result<SideState, StoreError> {
         Ok(self.room(room).await?.lock().side.clone())

@@ -33,6 +33,17 @@ pub struct NodeArgs {
     /// on a free port.
     #[arg(long)]
     p2p_addr: Option<String>,
+    /// Address to serve HTTP on (the web page, WebSocket at /ws, the HTTP API under /api/v1/,
+    /// /healthz, /readyz, /metrics), e.g. 127.0.0.1:8101. None if left out.
+    #[arg(long)]
+    http_addr: Option<String>,
+    /// Another origin (scheme://host:port) whose pages may open WebSockets here; repeat for
+    /// more; `*` allows any. A page served by the node itself is always allowed.
+    #[arg(long = "allow-origin")]
+    allow_origins: Vec<String>,
+    /// Most WebSocket connections open at once from one IP address.
+    #[arg(long, default_value_t = palaver_node::http::CONNECTIONS_PER_ADDRESS_DEFAULT)]
+    ws_connections_per_address: usize,
     /// Snapshot a shard (and purge its log) after this many entries.
     #[arg(long, default_value_t = palaver_shard::replica::SNAPSHOT_LOGS_SINCE_LAST_DEFAULT)]
     snapshot_logs: u64,
@@ -67,9 +78,17 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         bootstrap,
         replica: ReplicaOptions { snapshot_logs_since_last: args.snapshot_logs.max(1) },
         p2p_listen: Some(p2p_listen),
+        http: args.http_addr.map(|listen| palaver_node::http::HttpOptions {
+            listen,
+            allowed_origins: args.allow_origins,
+            connections_per_address: args.ws_connections_per_address,
+        }),
     };
     let node = Node::start(config, NodeEnv::default(), engine, listener).await?;
     println!("node {} serving on {}", node.id(), node.local_addr());
+    if let Some(addr) = &node.inner().http_addr {
+        println!("node {} http http://{addr}/", node.id());
+    }
     for addr in node.inner().directory.p2p_addrs() {
         println!("node {} p2p {addr}", node.id());
     }

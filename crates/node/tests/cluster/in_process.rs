@@ -32,6 +32,7 @@ async fn an_expired_token_is_refused_and_a_fresh_login_works() {
         bootstrap: Bootstrap::InitCluster { shard_count: 2 },
         replica: ReplicaOptions::default(),
         p2p_listen: None,
+        http: None,
     };
     let node = Node::start(config, env, Arc::new(MemEngine::new()), listener).await.expect("start");
     let mut client = ChatServiceClient::connect(format!("http://{addr}")).await.expect("connect");

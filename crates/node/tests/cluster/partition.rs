@@ -139,6 +139,7 @@ impl InProcessCluster {
                 bootstrap,
                 replica: ReplicaOptions::default(),
                 p2p_listen: None,
+                http: None,
             };
             nodes.push(Node::start(config, env, Arc::new(MemEngine::new()), listener).await.expect("start"));
         }
