@@ -18,6 +18,8 @@ pub const WAIT_DEADLINE: Duration = Duration::from_secs(60);
 /// One node process.
 pub struct TestNode {
     pub addr: String,
+    /// The HTTP address (web page, WebSocket at `/ws`, `/api/v1/`, `/metrics`).
+    pub http: String,
     pub dir: PathBuf,
     child: Option<Child>,
 }
@@ -53,6 +55,8 @@ fn spawn(node: &TestNode, bootstrap: &[String], extra: &[String]) -> Child {
         .arg(&node.dir)
         .arg("--grpc-addr")
         .arg(&node.addr)
+        .arg("--http-addr")
+        .arg(&node.http)
         .args(bootstrap)
         .args(extra)
         .env("RUST_LOG", "info,openraft=warn")
@@ -102,6 +106,7 @@ impl TestCluster {
         for i in 0..n {
             let node = TestNode {
                 addr: format!("127.0.0.1:{}", free_port()),
+                http: format!("127.0.0.1:{}", free_port()),
                 dir: cluster._root.path().join(format!("node{}", i + 1)),
                 child: None,
             };
@@ -127,6 +132,7 @@ impl TestCluster {
         let i = self.nodes.len();
         let node = TestNode {
             addr: format!("127.0.0.1:{}", free_port()),
+            http: format!("127.0.0.1:{}", free_port()),
             dir: self._root.path().join(format!("node{}", i + 1)),
             child: None,
         };
