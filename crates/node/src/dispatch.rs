@@ -239,6 +239,27 @@ pub async fn set_presence(
     Ok(pb::SetPresenceResponse { rooms })
 }
 
+/// The name of a `Pipeline` operation, as a metrics label.
+pub fn pipeline_op_name(op: &pb::pipeline_request::Op) -> &'static str {
+    use pb::pipeline_request::Op;
+    match op {
+        Op::Join(_) => "join",
+        Op::Leave(_) => "leave",
+        Op::Invite(_) => "invite",
+        Op::Kick(_) => "kick",
+        Op::Ban(_) => "ban",
+        Op::Unban(_) => "unban",
+        Op::SetRole(_) => "set_role",
+        Op::Post(_) => "post",
+        Op::Edit(_) => "edit",
+        Op::Redact(_) => "redact",
+        Op::React(_) => "react",
+        Op::Typing(_) => "typing",
+        Op::MarkRead(_) => "mark_read",
+        Op::SetPresence(_) => "set_presence",
+    }
+}
+
 /// Run one request of a `Pipeline` stream.
 pub async fn pipeline(
     ops: &Ops,

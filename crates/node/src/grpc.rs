@@ -65,6 +65,7 @@ pub async fn serve(node: Arc<NodeInner>, listener: TcpListener, mut stopped: wat
     });
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(CountCalls { metrics: node.metrics.clone() })
         .add_service(chat)
         .add_service(admin)
         .add_service(peer)
@@ -75,6 +76,97 @@ pub async fn serve(node: Arc<NodeInner>, listener: TcpListener, mut stopped: wat
         .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+/// Counts `ChatService` calls in the node's metrics: by method and by the `palaver-error` code
+/// of the answer (`ok` without one; `grpc_N` for a status of tonic's own, such as an
+/// over-size message). Streams count when their response starts.
+#[derive(Debug, Clone)]
+struct CountCalls {
+    metrics: crate::metrics::Metrics,
+}
+
+impl<S> tower::Layer<S> for CountCalls {
+    type Service = Counted<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Counted { inner, metrics: self.metrics.clone() }
+    }
+}
+
+/// A service whose `ChatService` calls are counted (see [`CountCalls`]).
+#[derive(Debug, Clone)]
+struct Counted<S> {
+    inner: S,
+    metrics: crate::metrics::Metrics,
+}
+
+/// The `ChatService` method a request path names, as a metrics label (snake case); `None` for
+/// other services.
+fn chat_method(path: &str) -> Option<&'static str> {
+    const METHODS: [(&str, &str); 24] = [
+        ("Register", "register"),
+        ("Login", "login"),
+        ("CreateRoom", "create_room"),
+        ("GetRoom", "get_room"),
+        ("ListRooms", "list_rooms"),
+        ("DeleteRoom", "delete_room"),
+        ("UpdateRoom", "update_room"),
+        ("Join", "join"),
+        ("Invite", "invite"),
+        ("Leave", "leave"),
+        ("Kick", "kick"),
+        ("Ban", "ban"),
+        ("Unban", "unban"),
+        ("SetRole", "set_role"),
+        ("Post", "post"),
+        ("Edit", "edit"),
+        ("Redact", "redact"),
+        ("React", "react"),
+        ("History", "history"),
+        ("Subscribe", "subscribe"),
+        ("SetPresence", "set_presence"),
+        ("Typing", "typing"),
+        ("MarkRead", "mark_read"),
+        ("Pipeline", "pipeline"),
+    ];
+    let method = path.strip_prefix("/palaver.v1.ChatService/")?;
+    METHODS.iter().find(|(name, _)| *name == method).map(|(_, label)| *label)
+}
+
+impl<S, B, R> tower::Service<tonic::codegen::http::Request<B>> for Counted<S>
+where
+    S: tower::Service<tonic::codegen::http::Request<B>, Response = tonic::codegen::http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<B>) -> Self::Future {
+        let method = chat_method(request.uri().path());
+        let metrics = self.metrics.clone();
+        let started = std::time::Instant::now();
+        let call = self.inner.call(request);
+        Box::pin(async move {
+            let response = call.await;
+            if let (Some(method), Ok(response)) = (method, &response) {
+                let headers = response.headers();
+                let header = |key: &str| headers.get(key).and_then(|v| v.to_str().ok());
+                let code = match (header(crate::error::ERROR_CODE_METADATA_KEY), header("grpc-status")) {
+                    (Some(code), _) => code.to_owned(),
+                    (None, None | Some("0")) => "ok".to_owned(),
+                    (None, Some(status)) => format!("grpc_{status}"),
+                };
+                metrics.observe(crate::metrics::Surface::Grpc, method, &code, started);
+            }
+            response
+        })
     }
 }
 
@@ -249,10 +341,13 @@ impl ChatService for ChatApi {
                 let Ok(permit) = limit.clone().acquire_owned().await else { return };
                 let (ops, replies, token) = (ops.clone(), replies.clone(), token.clone());
                 tokio::spawn(async move {
+                    let started = std::time::Instant::now();
+                    let op = request.op.as_ref().map_or("none", dispatch::pipeline_op_name);
                     let result = match ops.authenticate(Some(&token)) {
                         Ok(user) => dispatch::pipeline(&ops, &user, request.op).await,
                         Err(e) => Err(e),
                     };
+                    ops.node().metrics.observe_result(crate::metrics::Surface::Grpc, op, &result, started);
                     let result =
                         result.unwrap_or_else(|e| pb::pipeline_reply::Result::Error(dispatch::pipeline_error(&e)));
                     let _ = replies.send(Ok(pb::PipelineReply { id: request.id, result: Some(result) })).await;

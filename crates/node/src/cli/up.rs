@@ -32,6 +32,25 @@ pub struct UpArgs {
     /// gRPC port of node 1; node i listens on base_port + i - 1.
     #[arg(long, default_value_t = 7101)]
     base_port: u16,
+    /// HTTP port of node 1 (web page, WebSocket, HTTP API, metrics); node i listens on
+    /// http_base_port + i - 1.
+    #[arg(long, default_value_t = 8101)]
+    http_base_port: u16,
+}
+
+/// Where the nodes of a local cluster listen.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Number of nodes.
+    pub nodes: u16,
+    /// Data shards of a new cluster.
+    pub shards: u32,
+    /// gRPC port of node 1 (node i: + i - 1).
+    pub base_port: u16,
+    /// HTTP port of node 1 (node i: + i - 1), if the nodes serve HTTP.
+    pub http_base_port: Option<u16>,
+    /// More arguments for every node.
+    pub extra_args: Vec<String>,
 }
 
 /// A node process started by `up` or by `bench`.
@@ -39,31 +58,35 @@ pub struct UpArgs {
 pub struct NodeProcess {
     /// gRPC address.
     pub addr: String,
+    /// HTTP address, if it serves HTTP.
+    pub http: Option<String>,
     /// The child process.
     pub child: Child,
 }
 
 /// Start `nodes` node processes of this binary under `data_dir` (resuming if it holds a cluster).
-pub async fn start_cluster(
-    data_dir: &Path,
-    nodes: u16,
-    shards: u32,
-    base_port: u16,
-    quiet: bool,
-) -> anyhow::Result<Vec<NodeProcess>> {
+pub async fn start_cluster(data_dir: &Path, layout: &Layout, quiet: bool) -> anyhow::Result<Vec<NodeProcess>> {
     let exe = std::env::current_exe().context("locate the palaver binary")?;
     std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
-    let first_addr = format!("127.0.0.1:{base_port}");
+    let first_addr = format!("127.0.0.1:{}", layout.base_port);
     let mut started = Vec::new();
-    for i in 0..nodes {
-        let port = base_port.checked_add(i).context("port out of range")?;
+    for i in 0..layout.nodes {
+        let port = layout.base_port.checked_add(i).context("port out of range")?;
         let addr = format!("127.0.0.1:{port}");
+        let http = match layout.http_base_port {
+            Some(base) => Some(format!("127.0.0.1:{}", base.checked_add(i).context("port out of range")?)),
+            None => None,
+        };
         let dir = data_dir.join(format!("node{}", i + 1));
         let fresh = !dir.join("db").exists();
         let mut command = Command::new(&exe);
         command.arg("node").arg("--data-dir").arg(&dir).arg("--grpc-addr").arg(&addr);
+        if let Some(http) = &http {
+            command.arg("--http-addr").arg(http);
+        }
+        command.args(&layout.extra_args);
         if fresh && i == 0 {
-            command.arg("--init-cluster").arg("--shards").arg(shards.to_string());
+            command.arg("--init-cluster").arg("--shards").arg(layout.shards.to_string());
         } else if fresh {
             command.arg("--join").arg(&first_addr);
         }
@@ -83,7 +106,7 @@ pub async fn start_cluster(
                 data_dir.join(format!("node{}.log", i + 1)).display()
             );
         }
-        started.push(NodeProcess { addr: addr.clone(), child });
+        started.push(NodeProcess { addr: addr.clone(), http, child });
         // The first node must serve before the others can join through it.
         if i == 0 {
             wait_serving(&addr).await?;
@@ -143,13 +166,29 @@ pub async fn wait_ready(addr: &str, nodes: usize, quiet: bool) -> anyhow::Result
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
-    let mut processes = start_cluster(&args.data_dir, args.nodes, args.shards, args.base_port, false).await?;
+    let layout = Layout {
+        nodes: args.nodes,
+        shards: args.shards,
+        base_port: args.base_port,
+        http_base_port: Some(args.http_base_port),
+        extra_args: Vec::new(),
+    };
+    let mut processes = start_cluster(&args.data_dir, &layout, false).await?;
     let first = processes.first().map(|p| p.addr.clone()).unwrap_or_default();
     tokio::select! {
         ready = wait_ready(&first, usize::from(args.nodes), false) => ready?,
-        _ = tokio::signal::ctrl_c() => {}
+        _ = tokio::signal::ctrl_c() => {
+            stop_all(&mut processes).await;
+            return Ok(());
+        }
     }
-    println!("cluster up; try: palaver admin --addr {first} status");
+    println!("cluster up. Open the web page on any node:");
+    for (i, process) in processes.iter().enumerate() {
+        if let Some(http) = &process.http {
+            println!("  node {}: http://{http}/  (gRPC {})", i + 1, process.addr);
+        }
+    }
+    println!("try: palaver chat --addr {first}   or   palaver admin --addr {first} status");
     println!("Ctrl-C stops every node; `palaver up --data-dir {}` resumes.", args.data_dir.display());
     let _ = tokio::signal::ctrl_c().await;
     stop_all(&mut processes).await;

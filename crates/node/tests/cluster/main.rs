@@ -1,6 +1,7 @@
 //! Integration tests of the consensus plane: real `palaver node` processes on loopback.
 
 mod harness;
+mod http_api;
 mod in_process;
 mod messages;
 mod partition;

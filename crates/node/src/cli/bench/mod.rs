@@ -77,7 +77,14 @@ impl Cluster {
             args.shards,
             dir.path().display()
         );
-        let processes = up::start_cluster(dir.path(), args.nodes, args.shards, base_port, true).await?;
+        let layout = up::Layout {
+            nodes: args.nodes,
+            shards: args.shards,
+            base_port,
+            http_base_port: None,
+            extra_args: Vec::new(),
+        };
+        let processes = up::start_cluster(dir.path(), &layout, true).await?;
         let addrs: Vec<String> = processes.iter().map(|p| p.addr.clone()).collect();
         up::wait_ready(&addrs[0], usize::from(args.nodes), true).await?;
         Ok(Self { addrs, processes, _dir: Some(dir) })
