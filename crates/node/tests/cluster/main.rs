@@ -7,6 +7,7 @@ mod messages;
 mod partition;
 mod pipeline;
 mod routing;
+mod websocket;
 
 use harness::{TestCluster, authed, code, login, user, wait_for};
 use palaver_proto::v1::{
