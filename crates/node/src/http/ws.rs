@@ -8,9 +8,10 @@
 //! then the loop stops reading) and is answered by id. Limits: [`super::REQUEST_BYTES_MAX`]
 //! per frame (bigger ones get `too_large`; past [`WS_FRAME_BYTES_HARD_MAX`] the connection is
 //! closed), [`WS_FRAMES_PER_SECOND`] frames per second per connection, [`WS_SUBSCRIPTIONS_MAX`]
-//! subscriptions, connections per address ([`super::HttpOptions`]). A subscriber whose frames
-//! cannot be sent for [`WS_SLOW_CONSUMER_MS`] is disconnected with `slow_consumer`: memory per
-//! connection stays bounded, and it resumes from its version vector.
+//! subscriptions, connections per address ([`super::HttpOptions`]). Frames to the client wait
+//! in a queue of at most [`WS_OUTBOUND_BYTES_MAX`]; a client that leaves it full for
+//! [`WS_SLOW_CONSUMER_MS`] is disconnected with `slow_consumer`: memory per connection stays
+//! bounded, and the client resumes from its version vectors.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,7 +29,7 @@ use palaver_ids::UserName;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::json::{self, ErrorBody};
@@ -49,7 +50,10 @@ pub const WS_SUBSCRIPTIONS_MAX: usize = 256;
 /// Most frames of one connection running at once.
 pub const WS_IN_FLIGHT_MAX: usize = 64;
 /// Frames queued to be sent to one connection.
-pub const WS_OUTBOUND_FRAMES: usize = 256;
+pub const WS_OUTBOUND_FRAMES: usize = 1_024;
+/// Bytes of frames queued to be sent to one connection: what a connection may hold in memory
+/// beyond the socket's own buffer, however slowly its client reads.
+pub const WS_OUTBOUND_BYTES_MAX: usize = 1024 * 1024;
 /// How long a subscription may wait for room in the connection's queue, and a frame for the
 /// socket, before the client is disconnected as too slow.
 pub const WS_SLOW_CONSUMER_MS: u64 = 10_000;
@@ -112,7 +116,7 @@ struct Closing {
 struct Session {
     gateway: Gateway,
     /// Frames to the writer task.
-    out: mpsc::Sender<Message>,
+    out: Outbox,
     /// The login token the session runs as.
     token: Option<String>,
     subscriptions: HashMap<u64, JoinHandle<()>>,
@@ -125,15 +129,60 @@ struct Session {
     limiter: governor::DefaultDirectRateLimiter,
 }
 
-/// Ask the session to close with `code` and `error` (the first reason wins).
-fn signal_close(closing: &watch::Sender<Option<Closing>>, code: u16, error: ApiError) {
+/// The sending side of a connection's queue, bounded in frames and bytes. Every sender (the
+/// session, running operations, subscriptions) goes through it; the writer task drains it.
+#[derive(Debug, Clone)]
+struct Outbox {
+    frames: mpsc::Sender<(Message, OwnedSemaphorePermit)>,
+    bytes: Arc<Semaphore>,
+    closing: watch::Sender<Option<Closing>>,
+    metrics: crate::metrics::Metrics,
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, PartialEq, Eq)]
+enum NotSent {
+    /// The connection is gone.
+    Gone,
+    /// The client left the queue full for [`WS_SLOW_CONSUMER_MS`]; the connection closes.
+    Slow,
+}
+
+impl Outbox {
+    /// Queue `message`, waiting at most [`WS_SLOW_CONSUMER_MS`] for room; past that the client
+    /// is too slow and the connection is told to close (`why` says what was not read).
+    async fn send(&self, message: Message, why: impl FnOnce() -> String) -> Result<(), NotSent> {
+        let size = match &message {
+            Message::Text(text) => text.len(),
+            _ => 0,
+        };
+        let permits = u32::try_from(size.clamp(1, WS_OUTBOUND_BYTES_MAX)).unwrap_or(u32::MAX);
+        let queue = async {
+            let permit = self.bytes.clone().acquire_many_owned(permits).await.map_err(|_| NotSent::Gone)?;
+            self.frames.send((message, permit)).await.map_err(|_| NotSent::Gone)
+        };
+        match tokio::time::timeout(Duration::from_millis(WS_SLOW_CONSUMER_MS), queue).await {
+            Ok(result) => result,
+            Err(_) => {
+                if signal_close(&self.closing, CLOSE_SLOW_CONSUMER, ApiError::SlowConsumer(why())) {
+                    self.metrics.slow_subscriber_dropped(Surface::Ws);
+                }
+                Err(NotSent::Slow)
+            }
+        }
+    }
+}
+
+/// Ask the session to close with `code` and `error`; the first reason wins (returns whether
+/// this one did).
+fn signal_close(closing: &watch::Sender<Option<Closing>>, code: u16, error: ApiError) -> bool {
     closing.send_if_modified(|closing| {
         if closing.is_some() {
             return false;
         }
         *closing = Some(Closing { code, error });
         true
-    });
+    })
 }
 
 fn frame(value: Value) -> Message {
@@ -169,9 +218,12 @@ impl Session {
         let _slot = slot;
         let _counted = gateway.node.metrics.connection(Surface::Ws);
         let (sink, stream) = socket.split();
-        let (out, outbound) = mpsc::channel(WS_OUTBOUND_FRAMES);
+        let (frames, outbound) = mpsc::channel(WS_OUTBOUND_FRAMES);
         let (closing, closing_rx) = watch::channel(None);
-        let writer = tokio::spawn(write_frames(sink, outbound, closing.clone()));
+        let metrics = gateway.node.metrics.clone();
+        let writer = tokio::spawn(write_frames(sink, outbound, closing.clone(), metrics.clone()));
+        let bytes = Arc::new(Semaphore::new(WS_OUTBOUND_BYTES_MAX));
+        let out = Outbox { frames, bytes, closing: closing.clone(), metrics };
         let (ended_tx, ended) = mpsc::unbounded_channel();
         let burst = NonZeroU32::new(WS_FRAME_BURST).unwrap_or(NonZeroU32::MIN);
         let rate = NonZeroU32::new(WS_FRAMES_PER_SECOND).unwrap_or(NonZeroU32::MIN);
@@ -186,7 +238,7 @@ impl Session {
             in_flight: Arc::new(Semaphore::new(WS_IN_FLIGHT_MAX)),
             limiter: governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst)),
         };
-        let _ = session.out.send(session.hello().await).await;
+        session.send(session.hello().await).await;
         session.read_frames(stream, closing_rx).await;
         for (_, task) in session.subscriptions.drain() {
             task.abort();
@@ -261,13 +313,11 @@ impl Session {
     }
 
     fn close(&self, code: u16, error: ApiError) {
-        signal_close(&self.closing, code, error);
+        let _ = signal_close(&self.closing, code, error);
     }
 
     async fn send(&self, message: Message) {
-        if tokio::time::timeout(Duration::from_millis(WS_SLOW_CONSUMER_MS), self.out.send(message)).await.is_err() {
-            self.close(CLOSE_SLOW_CONSUMER, ApiError::SlowConsumer("replies were not read".into()));
-        }
+        let _ = self.out.send(message, || "replies were not read".into()).await;
     }
 
     async fn on_text(&mut self, text: &str) {
@@ -306,21 +356,13 @@ impl Session {
             _ => {
                 let Ok(permit) = self.in_flight.clone().acquire_owned().await else { return };
                 let (gateway, out, token) = (self.gateway.clone(), self.out.clone(), self.token.clone());
-                let closing = self.closing.clone();
                 tokio::spawn(async move {
                     let result = match gateway.ops.authenticate(token.as_deref()) {
                         Ok(user) => run(&gateway, &user, &frame.op, frame.args).await,
                         Err(e) => Err(e),
                     };
                     metrics.observe_result(Surface::Ws, known_op(&frame.op), &result, started);
-                    let message = answer_frame(frame.id, result);
-                    if tokio::time::timeout(Duration::from_millis(WS_SLOW_CONSUMER_MS), out.send(message))
-                        .await
-                        .is_err()
-                    {
-                        let error = ApiError::SlowConsumer("replies were not read".into());
-                        signal_close(&closing, CLOSE_SLOW_CONSUMER, error);
-                    }
+                    let _ = out.send(answer_frame(frame.id, result), || "replies were not read".into()).await;
                     drop(permit);
                 });
             }
@@ -373,7 +415,6 @@ impl Session {
                     sub: id,
                     room,
                     out: self.out.clone(),
-                    closing: self.closing.clone(),
                     ended: self.ended_tx.clone(),
                     metrics: self.gateway.node.metrics.clone(),
                 };
@@ -492,8 +533,7 @@ async fn run(gateway: &Gateway, user: &UserName, op: &str, a: Value) -> Result<V
 struct Forwarder {
     sub: u64,
     room: String,
-    out: mpsc::Sender<Message>,
-    closing: watch::Sender<Option<Closing>>,
+    out: Outbox,
     ended: mpsc::UnboundedSender<u64>,
     metrics: crate::metrics::Metrics,
 }
@@ -513,24 +553,20 @@ impl Forwarder {
             };
             let Some(event) = json::RoomEvent::from_pb(event) else { continue };
             let message = frame(json!({ "type": "event", "sub": self.sub, "room": self.room, "event": event }));
-            match tokio::time::timeout(Duration::from_millis(WS_SLOW_CONSUMER_MS), self.out.send(message)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return, // the connection is gone
-                Err(_) => {
-                    // The client does not read: disconnect it rather than buffer for it.
-                    self.metrics.slow_subscriber_dropped(Surface::Ws);
-                    let error = ApiError::SlowConsumer(format!("events of {} were not read", self.room));
-                    signal_close(&self.closing, CLOSE_SLOW_CONSUMER, error);
-                    return;
-                }
+            match self.out.send(message, || format!("events of {} were not read", self.room)).await {
+                Ok(()) => {}
+                Err(NotSent::Gone) => return,
+                // The client does not read: it is disconnected rather than buffered for.
+                Err(NotSent::Slow) => return,
             }
         };
         if let Some(error) = end {
+            // The subscription's source found it too slow (a node feed's buffer moved on).
             if error.code == "slow_consumer" {
                 self.metrics.slow_subscriber_dropped(Surface::Ws);
             }
             let message = frame(json!({ "type": "ended", "sub": self.sub, "room": self.room, "error": error }));
-            let _ = tokio::time::timeout(Duration::from_millis(WS_SLOW_CONSUMER_MS), self.out.send(message)).await;
+            let _ = self.out.send(message, || format!("the end of {} was not read", self.room)).await;
         }
         let _ = self.ended.send(self.sub);
     }
@@ -541,8 +577,9 @@ impl Forwarder {
 /// [`WS_SLOW_CONSUMER_MS`] ends the connection.
 async fn write_frames(
     mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut outbound: mpsc::Receiver<Message>,
+    mut outbound: mpsc::Receiver<(Message, OwnedSemaphorePermit)>,
     closing: watch::Sender<Option<Closing>>,
+    metrics: crate::metrics::Metrics,
 ) {
     let mut closing_rx = closing.subscribe();
     let write_deadline = Duration::from_millis(WS_SLOW_CONSUMER_MS);
@@ -555,12 +592,15 @@ async fn write_frames(
         match message {
             // Every sender is gone: the session ended without a reason to give.
             Some(None) => return close_with(&mut sink, None).await,
-            Some(Some(message)) => match tokio::time::timeout(write_deadline, sink.send(message)).await {
+            // The permit (the frame's bytes in the queue) is released once the frame is written.
+            Some(Some((message, _permit))) => match tokio::time::timeout(write_deadline, sink.send(message)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return,
                 Err(_) => {
                     let error = ApiError::SlowConsumer("the socket did not drain".into());
-                    signal_close(&closing, CLOSE_SLOW_CONSUMER, error);
+                    if signal_close(&closing, CLOSE_SLOW_CONSUMER, error) {
+                        metrics.slow_subscriber_dropped(Surface::Ws);
+                    }
                     return;
                 }
             },
