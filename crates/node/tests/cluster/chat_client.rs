@@ -134,6 +134,32 @@ async fn plain_clients_on_two_nodes_see_each_others_posts_once_in_order() {
     assert!(stderr.contains("login as olga failed: unauthenticated"), "{stderr}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_client_resubscribes_after_its_node_restarts_and_misses_nothing() {
+    let mut cluster = TestCluster::start(3, 2, &[]).await;
+    let mut admin = cluster.chat(0);
+    let ada = user(&mut admin, "ada").await;
+    admin
+        .create_room(authed(CreateRoomRequest { room: "relay".into(), ..Default::default() }, &ada))
+        .await
+        .expect("create relay");
+    user(&mut cluster.chat(0), "bob").await;
+    let mut bob = PlainClient::spawn(&cluster.nodes[2].addr, "bob", "relay", &[]);
+    post(&mut admin, &ada, "relay", "before", AckLevel::Quorum).await.expect("post");
+    bob.read_until("the first post", |printed| printed.iter().any(|l| l == "relay ada: before")).await;
+
+    // bob's node goes away; posts go on elsewhere; the node comes back.
+    cluster.kill(2).await;
+    for body in ["during-1", "during-2"] {
+        post(&mut admin, &ada, "relay", body, AckLevel::Quorum).await.expect("post while bob's node is down");
+    }
+    cluster.restart(2).await;
+    post(&mut admin, &ada, "relay", "after", AckLevel::Quorum).await.expect("post");
+    bob.read_until("every post", |printed| printed.iter().any(|l| l == "relay ada: after")).await;
+    assert!(bob.finish().await.success());
+    assert_eq!(bob.posts_by("relay", "ada"), ["before", "during-1", "during-2", "after"], "{:#?}", bob.printed);
+}
+
 /// `palaver chat` in a pseudo-terminal, its screen kept by a terminal emulator.
 struct Terminal {
     screen: Arc<Mutex<vt100::Parser>>,
@@ -151,6 +177,7 @@ impl Terminal {
         let mut command = portable_pty::CommandBuilder::new(env!("CARGO_BIN_EXE_palaver"));
         command.args(args);
         command.env("TERM", "xterm-256color");
+        command.env_remove("PALAVER_PASSWORD");
         let child = pair.slave.spawn_command(command).expect("spawn palaver chat in the pty");
         drop(pair.slave);
         let rows = std::num::NonZeroU16::new(Self::ROWS).expect("rows");
@@ -196,8 +223,13 @@ impl Terminal {
 
     /// Type `line` and Enter.
     fn type_line(&mut self, line: &str) {
-        self.writer.write_all(line.as_bytes()).expect("type");
-        self.writer.write_all(b"\r").expect("enter");
+        self.type_keys(line);
+        self.type_keys("\r");
+    }
+
+    /// Send raw key bytes.
+    fn type_keys(&mut self, keys: &str) {
+        self.writer.write_all(keys.as_bytes()).expect("type");
         self.writer.flush().expect("flush");
     }
 
@@ -293,4 +325,27 @@ async fn the_full_screen_client_joins_posts_reacts_edits_and_shows_what_others_p
 
     term.type_line("/quit");
     assert_eq!(term.exit_code().await, 0, "/quit exits cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_login_form_masks_the_password_and_says_why_a_login_failed() {
+    let cluster = TestCluster::start(3, 2, &[]).await;
+    let mut admin = cluster.chat(0);
+    let tara = user(&mut admin, "tara").await;
+    admin
+        .create_room(authed(CreateRoomRequest { room: "den".into(), ..Default::default() }, &tara))
+        .await
+        .expect("create den");
+
+    let mut term = Terminal::spawn(&["chat", "--addr", &cluster.nodes[1].addr, "--user", "tara"]);
+    term.wait_for_screen(&["log in to", "User:     tara", "Password: "]).await;
+    term.type_line("wrong-password");
+    term.wait_for_screen(&["login as tara failed: unauthenticated", "Password: **************"]).await;
+    assert!(!term.contents().contains("wrong-password"), "the password is masked");
+    // Erase it (Backspace is DEL in a terminal) and type the right one.
+    term.type_keys(&"\u{7f}".repeat("wrong-password".len()));
+    term.type_line("password-of-tara");
+    term.wait_for_screen(&["> den", "tara@"]).await;
+    term.type_keys("\u{3}");
+    assert_eq!(term.exit_code().await, 0, "Ctrl-C exits cleanly");
 }

@@ -3,10 +3,10 @@
 //!
 //! ```text
 //! ┌ Rooms ───────────┐┌ general ──────────────────────────────────┐
-//! │> general         ││[1] 12:01 olga: hello                       │
-//! │  random (3)      ││[2] 12:02 bob: hi there (edited)            │
-//! │ not joined:      ││      +1 olga                               │
-//! │  lobby           ││                                            │
+//! │> general         ││                                            │
+//! │  random (3)      ││[1] 12:01 olga: hello                       │
+//! │ not joined:      ││[2] 12:02 bob: hi there (edited)            │
+//! │  lobby           ││      +1 olga                               │
 //! └──────────────────┘└────────────────────────────────────────────┘
 //! status line: the last error or notice, else who is typing
 //! > input line
@@ -105,7 +105,10 @@ pub fn draw_chat(frame: &mut Frame, screen: &ChatScreen) {
         let scroll = screen.scroll_lines.min(all.len().saturating_sub(height));
         let end = all.len() - scroll;
         let start = end.saturating_sub(height);
-        all[start..end].to_vec()
+        // The newest message sits on the bottom line, next to the input.
+        let mut shown = vec![Line::default(); height.saturating_sub(end - start)];
+        shown.extend_from_slice(&all[start..end]);
+        shown
     };
     frame.render_widget(Paragraph::new(lines).block(block), messages_area);
 

@@ -349,9 +349,8 @@ enum StreamEnd {
 /// One room's subscription, resumed from its version vector until it ends for good.
 async fn follow(session: Session, room: String, mut have: BTreeMap<u64, u64>, out: mpsc::Sender<Incoming>) {
     let mut pause_ms = RESUBSCRIBE_BACKOFF_MS_MIN;
-    let mut error = None;
     loop {
-        let catching_up = Incoming::Link { room: room.clone(), link: Link::CatchingUp, error: error.take() };
+        let catching_up = Incoming::Link { room: room.clone(), link: Link::CatchingUp, error: None };
         if out.send(catching_up).await.is_err() {
             return;
         }
@@ -373,7 +372,6 @@ async fn follow(session: Session, room: String, mut have: BTreeMap<u64, u64>, ou
         }
         tokio::time::sleep(Duration::from_millis(pause_ms)).await;
         pause_ms = (pause_ms * 2).min(RESUBSCRIBE_BACKOFF_MS_MAX);
-        error = Some(describe(&status));
     }
 }
 

@@ -262,7 +262,12 @@ enum Done {
     Rooms(Vec<pb::RoomSummary>),
     Joined(String),
     Left(String),
-    History { room: String, page: pb::HistoryResponse },
+    History {
+        room: String,
+        page: pb::HistoryResponse,
+    },
+    /// A read marker was sent (with the error, if it failed).
+    Marked(Option<String>),
     Quiet,
     Failed(String),
 }
@@ -310,9 +315,10 @@ async fn execute(session: &Session, job: Job) -> Done {
             .await
             .map(|page| Done::History { room: room.clone(), page })
             .map_err(failed(format!("history of {room}"))),
-        Job::MarkRead { room, position } => {
-            session.mark_read(&room, position).await.map(|()| Done::Quiet).map_err(failed(format!("mark {room} read")))
-        }
+        Job::MarkRead { room, position } => match session.mark_read(&room, position).await {
+            Ok(()) => Ok(Done::Marked(None)),
+            Err(status) => Ok(Done::Marked(Some(format!("mark {room} read: {}", session::describe(&status))))),
+        },
     };
     result.unwrap_or_else(|done| done)
 }
@@ -329,6 +335,10 @@ struct App {
     quit: bool,
     subscriptions: Subscriptions,
     jobs: Option<mpsc::Sender<Job>>,
+    /// A read marker to send once the one in flight is answered.
+    mark_pending: Option<(String, Position)>,
+    /// Whether a read marker is being sent (one at a time, the newest wins).
+    mark_in_flight: bool,
 }
 
 impl App {
@@ -344,6 +354,8 @@ impl App {
             quit: false,
             subscriptions: Subscriptions::default(),
             jobs: None,
+            mark_pending: None,
+            mark_in_flight: false,
         }
     }
 
@@ -383,9 +395,7 @@ impl App {
                 }
                 Some(answer) = done.recv() => self.on_done(answer, &incoming_sender),
             }
-            if let Some((room, position)) = self.state.take_read_mark() {
-                self.submit(Job::MarkRead { room, position });
-            }
+            self.send_read_mark();
         };
         self.jobs = None;
         worker.abort();
@@ -406,9 +416,26 @@ impl App {
         Ok(())
     }
 
+    /// Send the read marker of the room shown if it moved, one call at a time.
+    fn send_read_mark(&mut self) {
+        if let Some(mark) = self.state.take_read_mark() {
+            self.mark_pending = Some(mark);
+        }
+        if self.mark_in_flight {
+            return;
+        }
+        if let Some((room, position)) = self.mark_pending.take() {
+            self.mark_in_flight = true;
+            self.submit(Job::MarkRead { room, position });
+        }
+    }
+
     fn submit(&mut self, job: Job) {
         let Some(jobs) = &self.jobs else { return };
-        if jobs.try_send(job).is_err() {
+        if let Err(refused) = jobs.try_send(job) {
+            if matches!(refused.into_inner(), Job::MarkRead { .. }) {
+                self.mark_in_flight = false;
+            }
             self.status = Status::Error("too many calls in flight; try again".into());
         }
     }
@@ -524,6 +551,11 @@ impl App {
         match incoming {
             Incoming::Event(event) => {
                 self.state.apply(&event);
+                let resubscribing = format!("{}: resubscribing", event.room);
+                let caught_up = matches!(event.event, Some(pb::room_event::Event::CaughtUp(_)));
+                if caught_up && matches!(&self.status, Status::Error(text) if text.starts_with(&resubscribing)) {
+                    self.status = Status::Info(format!("{}: resubscribed", event.room));
+                }
             }
             Incoming::Link { room, link, error } => {
                 self.state.set_link(&room, Some(link));
@@ -571,6 +603,12 @@ impl App {
             Done::History { room, page } => {
                 let added = self.state.add_history(&room, &page.messages, page.more);
                 self.status = Status::Info(format!("{added} older messages loaded in {room}"));
+            }
+            Done::Marked(error) => {
+                self.mark_in_flight = false;
+                if let Some(error) = error {
+                    self.status = Status::Error(error);
+                }
             }
             Done::Quiet => {}
             Done::Failed(error) => self.status = Status::Error(error),
