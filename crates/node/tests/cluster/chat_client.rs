@@ -308,6 +308,13 @@ async fn the_full_screen_client_joins_posts_reacts_edits_and_shows_what_others_p
     .await;
     term.wait_for_screen(&["+1 tara", "tara: hello again (edited)"]).await;
 
+    // The subscription sent the whole room: no older page to load. /help lists the commands.
+    term.type_line("/history");
+    term.wait_for_screen(&["no older messages in lounge"]).await;
+    term.type_line("/help");
+    term.wait_for_screen(&["Commands (Esc closes):", "/react N EMOJI"]).await;
+    term.type_keys("\u{1b}");
+
     // A message in a room not shown counts as unread there; viewing the room reads it.
     term.type_line("/join side");
     term.wait_for_screen(&["joined side"]).await;

@@ -19,7 +19,8 @@
 //!   does: messages after the caller's read marker, by others, not redacted. Viewing a room
 //!   moves the marker to its newest message ([`ChatState::take_read_mark`]).
 //! - **Bounded.** At most [`MESSAGES_KEPT_PER_ROOM`] messages per room; the oldest go first,
-//!   and `/history` stops loading once a room holds that many.
+//!   and `/history` stops loading once a room holds that many. A room's first subscription
+//!   sends all of it, so `/history` has older pages to load only in rooms larger than that.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -123,6 +124,8 @@ pub struct RoomView {
     next_handle: u64,
     /// Whether the messages were numbered in room order at the first catch-up.
     numbered: bool,
+    /// Whether messages were dropped for the limit (so older ones exist than those held).
+    trimmed: bool,
 }
 
 impl RoomView {
@@ -238,6 +241,7 @@ impl RoomView {
                 self.handles.remove(&dropped.handle);
             }
             self.older_pages = true;
+            self.trimmed = true;
         }
     }
 
@@ -403,6 +407,9 @@ impl ChatState {
                 room.link = Some(Link::Live);
                 if !room.numbered {
                     room.number();
+                    // The first subscription sent the whole room: older pages exist only if
+                    // some were dropped for the limit.
+                    room.older_pages = room.trimmed;
                 }
                 true
             }
@@ -611,6 +618,7 @@ mod tests {
         let mut state = ChatState::new("ann");
         state.apply(&posted("general", "c", "bob", "new", position(30, 1, 3)));
         state.apply(&caught_up("general"));
+        assert_eq!(state.room("general").map(|r| r.older_pages), Some(false), "the subscription sent it all");
         let page = vec![message("c", "bob", "new", position(30, 1, 3)), message("b", "cy", "old", position(20, 1, 2))];
         assert_eq!(state.add_history("general", &page, true), 1);
         assert_eq!(state.add_history("general", &page, false), 0);
@@ -630,6 +638,8 @@ mod tests {
         assert_eq!(room.message_count(), MESSAGES_KEPT_PER_ROOM);
         assert_eq!(room.oldest(), Some(Position::from(&position(11, 1, 11))), "the oldest went first");
         assert!(room.by_handle(1).is_none());
+        state.apply(&caught_up("busy"));
+        assert_eq!(state.room("busy").map(|r| r.older_pages), Some(true), "dropped messages can be loaded again");
         let page = vec![message("m1", "bob", "x", position(1, 1, 1))];
         assert_eq!(state.add_history("busy", &page, true), 0, "history stops at the limit");
     }

@@ -602,7 +602,7 @@ impl App {
             }
             Done::History { room, page } => {
                 let added = self.state.add_history(&room, &page.messages, page.more);
-                self.status = Status::Info(format!("{added} older messages loaded in {room}"));
+                self.status = Status::Info(format!("{added} older messages loaded in {room} (PageUp scrolls back)"));
             }
             Done::Marked(error) => {
                 self.mark_in_flight = false;
