@@ -2,6 +2,7 @@
 
 mod admin;
 mod bench;
+mod chat;
 mod node;
 mod up;
 
@@ -27,6 +28,8 @@ enum Commands {
     Admin(admin::AdminArgs),
     /// Load generators.
     Bench(bench::BenchArgs),
+    /// Chat in a terminal (full screen, or line mode with --plain).
+    Chat(chat::ChatArgs),
 }
 
 /// Run the parsed command.
@@ -36,6 +39,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Commands::Up(args) => up::run(args).await,
         Commands::Admin(args) => admin::run(args).await,
         Commands::Bench(args) => bench::run(args).await,
+        Commands::Chat(args) => chat::run(args).await,
     }
 }
 
