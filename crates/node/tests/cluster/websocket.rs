@@ -208,10 +208,14 @@ async fn every_operation_and_error_over_websocket() {
     let message_id = posted["message_id"].as_str().expect("id").to_owned();
     let edited = bob.ok("edit", json!({"room": "den", "message_id": message_id, "body": "hello, edited"})).await;
     assert!(edited["position"].is_object());
-    assert_eq!(ada.refused("edit", json!({"room": "den", "message_id": message_id, "body": "mine now"})).await, "permission_denied");
+    assert_eq!(
+        ada.refused("edit", json!({"room": "den", "message_id": message_id, "body": "mine now"})).await,
+        "permission_denied"
+    );
     ada.ok("react", json!({"room": "den", "message_id": message_id, "reaction": "👍"})).await;
     assert_eq!(
-        ada.refused("react", json!({"room": "den", "message_id": "00000000000000000000000000000000", "reaction": "x"})).await,
+        ada.refused("react", json!({"room": "den", "message_id": "00000000000000000000000000000000", "reaction": "x"}))
+            .await,
         "message_not_found"
     );
     // The subscription shows the edit and the reaction on the message.
@@ -486,4 +490,140 @@ async fn a_subscription_resumes_from_its_version_vector() {
     // A malformed vector is refused with a typed error.
     let bad = back.call("subscribe", json!({"room": "log", "version_vector": {"one": 1}})).await;
     assert_eq!(bad.expect_err("bad vector")["code"], "invalid_input");
+}
+
+/// A message event's (replica, counter) and body.
+fn message_event(frame: &Value) -> Option<(String, u64, String)> {
+    let event = &frame["event"];
+    if frame["type"] != "event" || event["kind"] != "message" || event["change"] != "posted" {
+        return None;
+    }
+    let replica = event["position"]["replica"].as_u64()?.to_string();
+    let counter = event["position"]["counter"].as_u64()?;
+    Some((replica, counter, event["message"]["body"].as_str()?.to_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_and_resumes_without_loss() {
+    use palaver_proto::v1::{AckLevel, CreateRoomRequest, PostRequest, RoomRequest};
+
+    let cluster = TestCluster::start(3, 2, &[]).await;
+    let mut grpc = cluster.chat(1);
+    let owner = crate::harness::user(&mut grpc, "own").await;
+    grpc.create_room(crate::harness::authed(
+        CreateRoomRequest { room: "firehose".into(), ..Default::default() },
+        &owner,
+    ))
+    .await
+    .expect("create");
+
+    // The slow client: a small receive buffer, subscribed, then it stops reading.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small buffer");
+    let stream = socket.connect(cluster.nodes[0].http.parse().expect("address")).await.expect("connect");
+    let (raw, _) =
+        tokio_tungstenite::client_async(format!("ws://{}/ws", cluster.nodes[0].http), MaybeTlsStream::Plain(stream))
+            .await
+            .expect("upgrade");
+    let mut slow =
+        Ws { socket: raw, next_id: 1, events: VecDeque::new(), answers: BTreeMap::new(), hello: Value::Null };
+    slow.hello = slow.frame().await;
+    let token = slow.login("sloth").await;
+    slow.ok("join", json!({"room": "firehose"})).await;
+    let sub = slow.send("subscribe", json!({"room": "firehose"})).await;
+    slow.answer(sub).await.expect("subscribed");
+
+    // About 10 MiB of messages, more than the socket and the connection's 1 MiB queue hold.
+    let body = "m".repeat(16 * 1024 - 16);
+    let mut posters = Vec::new();
+    for u in 0..16 {
+        let name = format!("poster{u}");
+        let token = crate::harness::user(&mut grpc, &name).await;
+        grpc.join(crate::harness::authed(RoomRequest { room: "firehose".into() }, &token)).await.expect("join");
+        posters.push((name, token));
+    }
+    let mut posted = std::collections::BTreeSet::new();
+    for (name, token) in &posters {
+        for i in 0..40 {
+            let text = format!("{name}-{i}-{body}");
+            grpc.post(crate::harness::authed(
+                PostRequest {
+                    room: "firehose".into(),
+                    body: text.clone(),
+                    client_message_id: format!("{name}-{i}"),
+                    ack: AckLevel::One as i32,
+                    ..Default::default()
+                },
+                token,
+            ))
+            .await
+            .expect("post");
+            posted.insert(text);
+        }
+    }
+
+    // The node gives up on the client (10 s of a full queue) and says so in its metrics.
+    let http = reqwest::Client::new();
+    crate::harness::wait_for("the slow client to be disconnected", || async {
+        let text =
+            http.get(format!("http://{}/metrics", cluster.nodes[0].http)).send().await.ok()?.text().await.ok()?;
+        let dropped = text
+            .lines()
+            .find(|l| l.starts_with("palaver_slow_subscribers_dropped_total{surface=\"ws\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        (dropped >= 1.0).then_some(())
+    })
+    .await;
+
+    // What reached the client before the end: events, then (if the socket drained in time) the
+    // reason; then the connection is over.
+    let mut vv: BTreeMap<String, u64> = BTreeMap::new();
+    let mut got = Vec::new();
+    let mut reason = None;
+    loop {
+        let next = tokio::time::timeout(WAIT_DEADLINE, slow.socket.next()).await.expect("the connection ends");
+        let frame: Value = match next {
+            Some(Ok(Message::Text(text))) => serde_json::from_str(text.as_str()).expect("JSON"),
+            Some(Ok(Message::Close(close))) => {
+                if let Some(close) = close {
+                    assert_eq!(u16::from(close.code), 4008, "{close:?}");
+                }
+                break;
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => break,
+        };
+        if frame["type"] == "closing" {
+            reason = Some(frame["error"]["code"].clone());
+        }
+        if let Some((replica, counter, text)) = message_event(&frame) {
+            let held = vv.entry(replica).or_default();
+            *held = (*held).max(counter);
+            got.push(text);
+        }
+    }
+    if let Some(reason) = reason {
+        assert_eq!(reason, "slow_consumer");
+    }
+    assert!(got.len() < posted.len(), "the client was cut off before the end ({} of {})", got.len(), posted.len());
+
+    // It comes back with its version vector and gets exactly the rest.
+    let mut back = Ws::connect(&cluster.nodes[0].http).await;
+    back.ok("authenticate", json!({"token": token})).await;
+    let sub = back.send("subscribe", json!({"room": "firehose", "version_vector": vv})).await;
+    back.answer(sub).await.expect("resubscribed");
+    loop {
+        let frame = back.event(sub).await;
+        if let Some((_, _, text)) = message_event(&frame) {
+            got.push(text);
+        }
+        if frame["event"]["kind"] == "caught_up" {
+            break;
+        }
+    }
+    let unique: std::collections::BTreeSet<String> = got.iter().cloned().collect();
+    assert_eq!(unique.len(), got.len(), "no message twice");
+    assert_eq!(unique, posted, "no message missing");
 }
