@@ -230,3 +230,56 @@ impl From<palaver_shard::StorageError> for ApiError {
         ApiError::Internal(error.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The row of `code` in docs/errors.md: (gRPC status, HTTP status).
+    fn documented(code: &str) -> Option<(String, String)> {
+        let doc = include_str!("../../../docs/errors.md");
+        doc.lines().find_map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            (cells.get(1) == Some(&format!("`{code}`").as_str())).then(|| {
+                (cells.get(2).copied().unwrap_or_default().into(), cells.get(3).copied().unwrap_or_default().into())
+            })
+        })
+    }
+
+    #[test]
+    fn every_error_is_documented_with_its_statuses() {
+        let errors = [
+            ApiError::invalid("x", "y"),
+            ApiError::Unauthenticated(String::new()),
+            ApiError::UserNotFound(String::new()),
+            ApiError::Unavailable { shard: 1, reason: String::new() },
+            ApiError::NotReady,
+            ApiError::MessageNotFound(String::new()),
+            ApiError::RateLimited { retry_after_ms: 1 },
+            ApiError::QuorumTimeout { shard: 1 },
+            ApiError::Malformed(String::new()),
+            ApiError::TooLarge { what: "frame".into(), limit: 1 },
+            ApiError::LimitReached { what: "x".into(), limit: 1 },
+            ApiError::SlowConsumer(String::new()),
+            ApiError::ForbiddenOrigin(String::new()),
+            ApiError::Internal(String::new()),
+        ];
+        for error in errors {
+            let (grpc, http) =
+                documented(error.code()).unwrap_or_else(|| panic!("{} is not in errors.md", error.code()));
+            let grpc_name = format!("{:?}", error.grpc_code());
+            let snake: String = grpc_name
+                .chars()
+                .enumerate()
+                .flat_map(|(i, c)| {
+                    let sep = (i > 0 && c.is_uppercase()).then_some('_');
+                    sep.into_iter().chain(std::iter::once(c.to_ascii_uppercase()))
+                })
+                .collect();
+            assert_eq!(grpc, snake, "gRPC status of {}", error.code());
+            if http != "—" {
+                assert_eq!(http, error.http_status().to_string(), "HTTP status of {}", error.code());
+            }
+        }
+    }
+}

@@ -22,6 +22,8 @@
 //! - [`replication`]: CRDT pushes and anti-entropy between the replicas of each shard.
 //! - [`convert`]: protobuf conversions.
 //! - [`grpc`]: the tonic services; [`peer`], [`raft_network`]: node-to-node traffic.
+//! - [`http`]: the web page, WebSocket gateway, HTTP API, `/metrics`; [`metrics`]: what it
+//!   serves.
 //! - [`auth`], [`limits`], [`error`]: passwords and tokens, input limits, error codes.
 //! - [`env`](mod@env): clock, randomness and dialer, injected.
 //!
@@ -31,10 +33,12 @@
 //! [`replication`] has pushed it to a second replica that fsynced it. [`subscribe`] streams a
 //! room's durable events to clients from any version vector.
 //!
+//! Browsers and scripts come in through [`http`] (WebSocket frames, HTTP/JSON routes), which
+//! converts JSON to the same protobuf requests and calls the same [`dispatch`] functions;
+//! [`metrics`] counts every surface.
+//!
 //! ## Non-goals (for now)
-//! The DHT routing plane (including forwarding CRDT operations from nodes that hold no replica
-//! of the room's shard), WebSocket/HTTP surfaces and metrics come with their own issues; so do
-//! draining nodes and removing replicas from retired nodes.
+//! Draining nodes and removing replicas from retired nodes come with their own issue.
 
 pub mod auth;
 pub mod cluster;

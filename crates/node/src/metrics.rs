@@ -2,7 +2,7 @@
 //!
 //! Two kinds: what the surfaces count as requests happen ([`Metrics`]: requests by surface,
 //! operation and result code, latency histograms, WebSocket connections, subscribers ended for
-//! being slow), and what is read from the node at each scrape ([`NodeCollector`]: per shard
+//! being slow), and what is read from the node at each scrape (`NodeCollector`: per shard
 //! Raft term, leader, commit and apply lag, CRDT replication lag; subscriptions, feeds, route
 //! counters). Encoding is `prometheus-client`'s, in the OpenMetrics text format.
 
