@@ -160,6 +160,31 @@ async fn a_plain_client_resubscribes_after_its_node_restarts_and_misses_nothing(
     assert_eq!(bob.posts_by("relay", "ada"), ["before", "during-1", "during-2", "after"], "{:#?}", bob.printed);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_client_given_two_nodes_moves_to_the_other_when_its_node_dies() {
+    let mut cluster = TestCluster::start(3, 2, &[]).await;
+    let mut admin = cluster.chat(0);
+    let ada = user(&mut admin, "ada").await;
+    admin
+        .create_room(authed(CreateRoomRequest { room: "relay".into(), ..Default::default() }, &ada))
+        .await
+        .expect("create relay");
+    user(&mut cluster.chat(0), "bob").await;
+    let addrs = format!("{},{}", cluster.nodes[2].addr, cluster.nodes[1].addr);
+    let mut bob = PlainClient::spawn(&addrs, "bob", "relay", &[]);
+    post(&mut admin, &ada, "relay", "before", AckLevel::Quorum).await.expect("post");
+    bob.read_until("the first post", |printed| printed.iter().any(|l| l == "relay ada: before")).await;
+
+    // One of bob's nodes dies for good; the posts reach him through the other.
+    cluster.kill(2).await;
+    for body in ["during-1", "during-2", "after"] {
+        post(&mut admin, &ada, "relay", body, AckLevel::Quorum).await.expect("post while a node is down");
+    }
+    bob.read_until("every post", |printed| printed.iter().any(|l| l == "relay ada: after")).await;
+    assert!(bob.finish().await.success());
+    assert_eq!(bob.posts_by("relay", "ada"), ["before", "during-1", "during-2", "after"], "{:#?}", bob.printed);
+}
+
 /// `palaver chat` in a pseudo-terminal, its screen kept by a terminal emulator.
 struct Terminal {
     screen: Arc<Mutex<vt100::Parser>>,

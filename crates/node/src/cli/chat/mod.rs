@@ -13,8 +13,10 @@
 //! What the client knows — rooms, messages, unread counts, what an event changes, what a typed
 //! line means — is plain data with unit tests ([`state`], [`command`], [`input`]).
 //!
-//! Not done here: one node address only (a client whose node is gone keeps retrying it),
-//! no new login when a token expires, no typing notifications sent (others' are shown), no
+//! `--addr` may name several nodes (comma-separated): calls and resubscriptions then go to
+//! the ones that answer, so the client rides out the loss of its node.
+//!
+//! Not done here: no new login when a token expires, no typing notifications sent (others' are shown), no
 //! presence.
 
 mod command;
@@ -30,7 +32,7 @@ use clap::Args;
 /// Arguments of `palaver chat`.
 #[derive(Debug, Args)]
 pub struct ChatArgs {
-    /// Any node's gRPC address.
+    /// Any node's gRPC address, or several, comma-separated (the client moves between them).
     #[arg(long, default_value = "127.0.0.1:7101")]
     addr: String,
     /// The user to log in as (full screen: asked for if missing).

@@ -59,15 +59,26 @@ pub enum Incoming {
     Ended { room: String, reason: String },
 }
 
-/// A channel to one node, not yet logged in.
-pub fn connect(addr: &str) -> anyhow::Result<ChatServiceClient<Channel>> {
-    let endpoint = Channel::from_shared(format!("http://{addr}"))
-        .map_err(|e| anyhow::anyhow!("bad address {addr}: {e}"))?
-        .connect_timeout(Duration::from_millis(CALL_TIMEOUT_MS))
-        .http2_keep_alive_interval(Duration::from_millis(KEEPALIVE_INTERVAL_MS))
-        .keep_alive_timeout(Duration::from_millis(KEEPALIVE_TIMEOUT_MS))
-        .keep_alive_while_idle(true);
-    Ok(ChatServiceClient::new(endpoint.connect_lazy()))
+/// A channel to the nodes named in `addrs` (comma-separated gRPC addresses), not yet logged
+/// in. With several, calls are spread over the nodes that answer: when one dies, the next call
+/// (and the resubscription of each room) goes to another.
+pub fn connect(addrs: &str) -> anyhow::Result<ChatServiceClient<Channel>> {
+    let mut endpoints = Vec::new();
+    for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        let endpoint = Channel::from_shared(format!("http://{addr}"))
+            .map_err(|e| anyhow::anyhow!("bad address {addr}: {e}"))?
+            .connect_timeout(Duration::from_millis(CALL_TIMEOUT_MS))
+            .http2_keep_alive_interval(Duration::from_millis(KEEPALIVE_INTERVAL_MS))
+            .keep_alive_timeout(Duration::from_millis(KEEPALIVE_TIMEOUT_MS))
+            .keep_alive_while_idle(true);
+        endpoints.push(endpoint);
+    }
+    let channel = match endpoints.len() {
+        0 => anyhow::bail!("no node address given"),
+        1 => endpoints.remove(0).connect_lazy(),
+        _ => Channel::balance_list(endpoints.into_iter()),
+    };
+    Ok(ChatServiceClient::new(channel))
 }
 
 /// palaver's error code of a failed call (the `palaver-error` metadata), or the gRPC code's
