@@ -41,6 +41,8 @@ use crate::ops::TargetAction;
 
 /// Past this size a frame is not read at all: the connection is closed (code 1009).
 pub const WS_FRAME_BYTES_HARD_MAX: usize = 1024 * 1024;
+/// The read buffer a connection starts with (it grows for larger frames).
+pub const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
 /// Frames a connection may send per second, sustained.
 pub const WS_FRAMES_PER_SECOND: u32 = 100;
 /// Frames a connection may send at once.
@@ -88,6 +90,9 @@ pub async fn upgrade(
         }
     };
     upgrade
+        // tungstenite reserves its whole read buffer per connection up front (128 KiB by
+        // default): most frames are small, and an idle connection should cost little.
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
         .max_message_size(WS_FRAME_BYTES_HARD_MAX)
         .max_frame_size(WS_FRAME_BYTES_HARD_MAX)
         .on_upgrade(move |socket| Session::run(gateway, socket, token, slot))
