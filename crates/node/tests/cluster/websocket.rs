@@ -184,6 +184,18 @@ async fn every_operation_and_error_over_websocket() {
     bob.ok("unban", json!({"room": "den", "user": "cy"})).await;
     assert_eq!(bob.refused("unban", json!({"room": "den", "user": "cy"})).await, "not_banned");
     assert_eq!(bob.refused("kick", json!({"room": "den", "user": "ada"})).await, "permission_denied");
+    assert_eq!(bob.refused("kick", json!({"room": "den", "user": "ghost"})).await, "user_not_found");
+    assert_eq!(bob.refused("kick", json!({"room": "den", "user": "bob"})).await, "self_target");
+    assert_eq!(ada.refused("invite", json!({"room": "den", "user": "bob"})).await, "already_member");
+    assert_eq!(ada.refused("leave", json!({"room": "den"})).await, "last_owner");
+    ada.ok("create_room", json!({"room": "vault", "visibility": "invite_only"})).await;
+    ada.ok("ban", json!({"room": "vault", "user": "cy"})).await;
+    {
+        let mut cy = Ws::connect(&cluster.nodes[1].http).await;
+        cy.ok("authenticate", json!({"token": cy_token})).await;
+        assert_eq!(cy.refused("join", json!({"room": "vault"})).await, "banned");
+    }
+    assert_eq!(bob.refused("join", json!({"room": "vault"})).await, "not_invited");
     let rooms = bob.ok("list_rooms", json!({})).await;
     let den = rooms["rooms"].as_array().and_then(|r| r.iter().find(|r| r["room"] == "den")).expect("den").clone();
     assert_eq!(den["my_role"], "admin");
