@@ -1,5 +1,6 @@
 //! Integration tests of the consensus plane: real `palaver node` processes on loopback.
 
+mod browser;
 mod harness;
 mod in_process;
 mod messages;
