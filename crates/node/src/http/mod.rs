@@ -99,14 +99,33 @@ impl Gateway {
         Ok(AddressSlot { per_address: self.per_address.clone(), ip })
     }
 
-    /// Whether a page from `origin` may open a WebSocket on this node, reached as `host`.
+    /// Whether a page from `origin` may open a WebSocket on this node, reached as `host`: the
+    /// node's own page, the page of any node of the cluster (a page moves to another node
+    /// when its own dies), or an origin allowed with `--allow-origin`.
     fn origin_allowed(&self, origin: Option<&str>, host: Option<&str>) -> bool {
         let Some(origin) = origin else { return true }; // not a browser
-        let own = host.is_some_and(|host| {
-            origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) == Some(host)
-        });
-        own || self.options.allowed_origins.iter().any(|allowed| allowed == "*" || allowed == origin)
+        let cluster = crate::directory::http_addrs(&self.node).into_iter().map(|(_, addr)| addr);
+        origin_allowed(origin, host, cluster, &self.options.allowed_origins)
     }
+}
+
+/// Whether a page from `origin` may open a WebSocket on a node reached as `host`, in a cluster
+/// whose nodes serve pages at `cluster_http_addrs`, with `--allow-origin` values `allowed`
+/// (`*`: any). An origin matches an address only exactly (`http://` or `https://`, then the
+/// same `host:port`); anything else, `null` included, is refused.
+fn origin_allowed(
+    origin: &str,
+    host: Option<&str>,
+    cluster_http_addrs: impl IntoIterator<Item = String>,
+    allowed: &[String],
+) -> bool {
+    if allowed.iter().any(|allowed| allowed == "*" || allowed == origin) {
+        return true;
+    }
+    let Some(origin_host) = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) else {
+        return false;
+    };
+    host == Some(origin_host) || cluster_http_addrs.into_iter().any(|addr| addr == origin_host)
 }
 
 impl IntoResponse for ApiError {
@@ -230,5 +249,52 @@ pub async fn serve(node: Arc<NodeInner>, listener: TcpListener, options: HttpOpt
         .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "HTTP server failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin_allowed;
+
+    fn cluster() -> Vec<String> {
+        vec!["127.0.0.1:8081".into(), "127.0.0.1:8082".into(), "chat.example:443".into()]
+    }
+
+    #[test]
+    fn pages_of_the_node_and_of_its_cluster_may_connect() {
+        let host = Some("127.0.0.1:8081");
+        let cases = [
+            ("http://127.0.0.1:8081", true, "the node's own page"),
+            ("https://127.0.0.1:8081", true, "the node's own page over TLS"),
+            ("http://127.0.0.1:8082", true, "another node's page (failover)"),
+            ("https://chat.example:443", true, "another node's page under its advertised name"),
+            ("http://127.0.0.1:8083", false, "a port no node serves"),
+            ("http://127.0.0.1", false, "no port"),
+            ("http://127.0.0.1:80812", false, "a longer port"),
+            ("http://evil.example", false, "an unknown site"),
+            ("http://127.0.0.1:8082.evil.example", false, "a node's address as a prefix"),
+            ("ws://127.0.0.1:8082", false, "not a page's scheme"),
+            ("null", false, "an opaque origin"),
+            ("", false, "an empty origin"),
+        ];
+        for (origin, want, what) in cases {
+            assert_eq!(origin_allowed(origin, host, cluster(), &[]), want, "{what}: {origin}");
+        }
+    }
+
+    #[test]
+    fn the_host_header_names_the_node_when_the_cluster_is_not_known_yet() {
+        assert!(origin_allowed("http://localhost:9000", Some("localhost:9000"), Vec::new(), &[]));
+        assert!(!origin_allowed("http://localhost:9000", Some("localhost:9001"), Vec::new(), &[]));
+        assert!(!origin_allowed("http://localhost:9000", None, Vec::new(), &[]));
+    }
+
+    #[test]
+    fn allow_origin_adds_origins_and_star_allows_any() {
+        let allowed = vec!["https://app.example".to_owned()];
+        assert!(origin_allowed("https://app.example", None, cluster(), &allowed));
+        assert!(!origin_allowed("https://other.example", None, cluster(), &allowed));
+        assert!(origin_allowed("https://other.example", None, cluster(), &["*".to_owned()]));
+        assert!(origin_allowed("null", None, Vec::new(), &["*".to_owned()]));
     }
 }

@@ -1,5 +1,6 @@
 //! Integration tests of the consensus plane: real `palaver node` processes on loopback.
 
+mod browser;
 mod chat_client;
 mod harness;
 mod http_api;
