@@ -895,19 +895,6 @@ const Palaver = (() => {
       state.typingSentAt = 0;
     }
     call("typing", { room: room.id, typing }).catch(() => {});
-    nudgeReplicas(room);
-  }
-
-  /**
-   * Work around a node bug: replicas push side state to each other only when its digest
-   * changes, and the digest covers presence and read markers but not typing, so a typing
-   * change alone never reaches subscribers on other nodes. Renewing presence in the same room
-   * changes the digest, and the push then carries typing along. Remove once typing is in the
-   * digest.
-   */
-  function nudgeReplicas(room) {
-    const status = document.visibilityState === "visible" ? "online" : "away";
-    call("set_presence", { status, rooms: [room.id] }).catch(() => {});
   }
 
   function onComposerInput() {

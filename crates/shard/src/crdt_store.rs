@@ -238,9 +238,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The digest of a room's persistent side state (read markers and presence).
+/// The digest of a room's side state: all of it, typing included, so that a change of any part
+/// makes the replicas push it to each other.
 fn side_digest(side: &SideState) -> Result<[u8; 32], StorageError> {
-    let bytes = keys::encode(&(&side.markers, &side.presence))?;
+    let bytes = keys::encode(&(&side.markers, &side.presence, &side.typing))?;
     Ok(Sha256::digest(&bytes).into())
 }
 
