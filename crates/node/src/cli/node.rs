@@ -51,6 +51,10 @@ pub struct NodeArgs {
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     super::init_tracing();
+    // Every client connection holds a file descriptor: allow as many as the hard limit does.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "could not raise the open-file limit");
+    }
     std::fs::create_dir_all(&args.data_dir).with_context(|| format!("create {}", args.data_dir.display()))?;
     let engine = Arc::new(RocksEngine::open(&args.data_dir.join("db"))?);
     let listener =

@@ -4,9 +4,13 @@
 //! - `raft`: consensus writes (room joins and leaves), commits/s and latency.
 //! - `posts`: CRDT-plane posts into many rooms while subscribers receive: posts/s, ack latency,
 //!   delivery latency, and every acknowledged post checked off at every subscriber.
+//! - `ws`: many WebSocket clients: memory per idle connection, delivery latency with them
+//!   open, and a chat-shaped load (rooms of a few subscribers, all posting), every
+//!   acknowledged post checked off at every subscriber.
 
 mod posts;
 mod raft;
+mod ws;
 
 use std::time::Duration;
 
@@ -32,12 +36,15 @@ enum BenchCommand {
     Raft(raft::RaftBenchArgs),
     /// CRDT writes: posts into many rooms, acknowledged at quorum, while subscribers receive.
     Posts(posts::PostsBenchArgs),
+    /// WebSocket clients: idle connections' memory, delivery latency, a chat-shaped load.
+    Ws(ws::WsBenchArgs),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Raft(args) => raft::run(args).await,
         BenchCommand::Posts(args) => posts::run(args).await,
+        BenchCommand::Ws(args) => ws::run(args).await,
     }
 }
 
@@ -60,15 +67,27 @@ struct ClusterArgs {
 struct Cluster {
     addrs: Vec<String>,
     processes: Vec<NodeProcess>,
-    _dir: Option<tempfile::TempDir>,
+    /// How the bench started the nodes, and their data, if it did.
+    started: Option<(up::Layout, tempfile::TempDir)>,
 }
 
 impl Cluster {
     /// The running cluster named by `--addr`, or a fresh one (`--nodes`) on ports from
     /// `base_port`.
     async fn open(args: &ClusterArgs, base_port: u16) -> anyhow::Result<Self> {
+        Self::open_with(args, base_port, None, Vec::new()).await
+    }
+
+    /// Like [`Cluster::open`]; a fresh cluster also serves HTTP on ports from `http_base_port`
+    /// (if given) and its nodes get `extra_args`.
+    async fn open_with(
+        args: &ClusterArgs,
+        base_port: u16,
+        http_base_port: Option<u16>,
+        extra_args: Vec<String>,
+    ) -> anyhow::Result<Self> {
         if !args.addr.is_empty() {
-            return Ok(Self { addrs: args.addr.clone(), processes: Vec::new(), _dir: None });
+            return Ok(Self { addrs: args.addr.clone(), processes: Vec::new(), started: None });
         }
         let dir = tempfile::tempdir()?;
         println!(
@@ -77,17 +96,20 @@ impl Cluster {
             args.shards,
             dir.path().display()
         );
-        let layout = up::Layout {
-            nodes: args.nodes,
-            shards: args.shards,
-            base_port,
-            http_base_port: None,
-            extra_args: Vec::new(),
-        };
+        let layout = up::Layout { nodes: args.nodes, shards: args.shards, base_port, http_base_port, extra_args };
         let processes = up::start_cluster(dir.path(), &layout, true).await?;
         let addrs: Vec<String> = processes.iter().map(|p| p.addr.clone()).collect();
         up::wait_ready(&addrs[0], usize::from(args.nodes), true).await?;
-        Ok(Self { addrs, processes, _dir: Some(dir) })
+        Ok(Self { addrs, processes, started: Some((layout, dir)) })
+    }
+
+    /// Stop the nodes the bench started and start them again on their data; nothing with
+    /// `--addr`.
+    async fn restart(&mut self) -> anyhow::Result<()> {
+        let Some((layout, dir)) = &self.started else { return Ok(()) };
+        up::stop_all(&mut self.processes).await;
+        self.processes = up::start_cluster(dir.path(), layout, true).await?;
+        up::wait_ready(&self.addrs[0], self.processes.len(), true).await
     }
 
     /// A lazily connected channel to each node.

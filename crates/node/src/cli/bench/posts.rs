@@ -193,12 +193,12 @@ struct Deliveries {
 }
 
 /// The key of a post: its user and sequence number.
-fn key(user: u32, seq: u32) -> u64 {
+pub(super) fn key(user: u32, seq: u32) -> u64 {
     (u64::from(user) << 32) | u64::from(seq)
 }
 
 /// A body: `bench <run> <sent µs> <user> <seq> ` padded to `bytes` with `x`.
-fn body(run: u32, sent_us: u64, user: u32, seq: u32, bytes: usize) -> String {
+pub(super) fn body(run: u32, sent_us: u64, user: u32, seq: u32, bytes: usize) -> String {
     let mut body = format!("bench {run} {sent_us} {user} {seq} ");
     while body.len() < bytes {
         body.push('x');
@@ -207,7 +207,7 @@ fn body(run: u32, sent_us: u64, user: u32, seq: u32, bytes: usize) -> String {
 }
 
 /// (run, sent µs, key) of a bench body.
-fn parse_body(body: &str) -> Option<(u32, u64, u64)> {
+pub(super) fn parse_body(body: &str) -> Option<(u32, u64, u64)> {
     let mut words = body.split(' ');
     if words.next()? != "bench" {
         return None;
