@@ -242,6 +242,13 @@ pub async fn serve(node: Arc<NodeInner>, listener: TcpListener, options: HttpOpt
     };
     let app = router(gateway).into_make_service_with_connect_info::<SocketAddr>();
     let mut stopping = stopped;
+    // Without TCP_NODELAY a small frame written after another (an answer after an event) waits
+    // for the client's delayed ACK, ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |socket: &mut tokio::net::TcpStream| {
+        if let Err(e) = socket.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stopping.wait_for(|stop| *stop).await;
