@@ -135,6 +135,18 @@ pub async fn subscribe(
     ops.subscribe(user, &request.room, have).await
 }
 
+/// Subscribe to a room from the client's version vector, delivering into `sink`; the returned
+/// task serves the subscription.
+pub async fn subscribe_into<S: crate::subscribe::EventSink>(
+    ops: &Ops,
+    user: &UserName,
+    request: pb::SubscribeRequest,
+    sink: S,
+) -> Result<crate::subscribe::SubscriptionTask, ApiError> {
+    let have = convert::version_vector_from_pb(request.version_vector.as_ref());
+    ops.subscribe_into(user, &request.room, have, sink).await
+}
+
 /// The answer to a committed membership or room change of `room`.
 pub fn ack(ops: &Ops, room: &str, done: Committed) -> pb::Ack {
     pb::Ack { shard: ops.shard_of_room_name(room).0, log_index: done.log_index }

@@ -29,7 +29,7 @@ use palaver_ids::{RoomId, UserName};
 use palaver_proto::v1 as pb;
 use palaver_proto::v1::room_event::Event;
 use palaver_shard::Refusal;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tonic::Status;
 
 use crate::convert;
@@ -38,7 +38,7 @@ use crate::lock;
 use crate::node::NodeInner;
 use crate::ops::Ops;
 use crate::remote::{ClientAnswer, ClientOp};
-use crate::subscribe::{EventStream, SUBSCRIPTION_QUEUE_EVENTS, membership_ends};
+use crate::subscribe::{EventSink, membership_ends};
 
 /// Events a feed keeps for its subscribers.
 pub const FEED_BUFFER_EVENTS: usize = 4_096;
@@ -223,26 +223,30 @@ async fn follow_stream(
     Err(last)
 }
 
-/// Subscribe `user` to `room` on a node that holds no replica of its shard.
-pub async fn subscribe(ops: &Ops, user: &UserName, room: RoomId, have: VersionVector) -> Result<EventStream, ApiError> {
+/// Subscribe `user` to `room` on a node that holds no replica of its shard: the membership
+/// check runs now, the returned future serves the subscription into `sink`.
+pub async fn subscribe<S: EventSink>(
+    ops: &Ops,
+    user: &UserName,
+    room: RoomId,
+    have: VersionVector,
+    sink: S,
+) -> Result<impl Future<Output = ()> + Send + 'static, ApiError> {
     match crate::remote::forward(ops.node(), user, &room, ClientOp::Role).await? {
         ClientAnswer::Role(_) => {}
         other => return Err(ApiError::Internal(format!("replica answered {other:?} to a membership check"))),
     }
     let node = ops.node().clone();
     let feed = feed_of(&node, &room, &have);
-    let (sender, receiver) = mpsc::channel(SUBSCRIPTION_QUEUE_EVENTS);
-    let subscriber = Subscriber { node, feed, user: user.clone(), have, sender };
-    tokio::spawn(subscriber.run());
-    Ok(tokio_stream::wrappers::ReceiverStream::new(receiver))
+    Ok(Subscriber { node, feed, user: user.clone(), have, sender: sink }.run())
 }
 
-struct Subscriber {
+struct Subscriber<S> {
     node: Arc<NodeInner>,
     feed: Arc<Feed>,
     user: UserName,
     have: VersionVector,
-    sender: mpsc::Sender<Result<pb::RoomEvent, Status>>,
+    sender: S,
 }
 
 /// Why a local subscriber stopped.
@@ -251,16 +255,16 @@ enum End {
     Error(Status),
 }
 
-impl Subscriber {
+impl<S: EventSink> Subscriber<S> {
     async fn run(mut self) {
         let _registered = self.node.register_subscription(&self.user, &self.feed.room);
         if let End::Error(status) = self.serve().await {
-            let _ = self.sender.send(Err(status)).await;
+            let _ = self.sender.deliver(Err(status)).await;
         }
     }
 
     async fn send(&self, event: pb::RoomEvent) -> Result<(), End> {
-        self.sender.send(Ok(event)).await.map_err(|_| End::Gone)
+        self.sender.deliver(Ok(event)).await.map_err(|_| End::Gone)
     }
 
     async fn serve(&mut self) -> End {

@@ -48,21 +48,73 @@ pub const SUBSCRIPTION_EVENTS_PER_PULL: usize = 256;
 /// Events queued to one subscriber before its stream waits for it.
 pub const SUBSCRIPTION_QUEUE_EVENTS: usize = 64;
 
-/// The stream a subscription feeds.
+/// The stream a gRPC subscription feeds.
 pub type EventStream = tokio_stream::wrappers::ReceiverStream<Result<pb::RoomEvent, Status>>;
 
+/// The subscriber went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gone;
+
+/// Where a subscription's events go: a gRPC stream's channel ([`EventStream`]), or straight
+/// into a WebSocket connection's outbound queue (no channel and no task of its own per
+/// subscription: an idle subscription costs only its own task).
+pub trait EventSink: Send + Sync + 'static {
+    /// Deliver an event, or the error the subscription ends with; waits while the subscriber
+    /// is full. `Err(Gone)`: the subscriber went away, the subscription stops.
+    fn deliver(&self, event: Result<pb::RoomEvent, Status>) -> impl Future<Output = Result<(), Gone>> + Send;
+    /// Resolves once the subscriber is gone.
+    fn closed(&self) -> impl Future<Output = ()> + Send;
+    /// Whether the subscriber is gone.
+    fn is_closed(&self) -> bool;
+}
+
+impl EventSink for mpsc::Sender<Result<pb::RoomEvent, Status>> {
+    async fn deliver(&self, event: Result<pb::RoomEvent, Status>) -> Result<(), Gone> {
+        self.send(event).await.map_err(|_| Gone)
+    }
+
+    async fn closed(&self) {
+        mpsc::Sender::closed(self).await;
+    }
+
+    fn is_closed(&self) -> bool {
+        mpsc::Sender::is_closed(self)
+    }
+}
+
+/// A subscription to run (spawn it): it ends when the subscriber goes, or with an error
+/// delivered to its sink.
+pub type SubscriptionTask = futures::future::BoxFuture<'static, ()>;
+
 impl Ops {
-    /// Subscribe `user` to `room`, resuming after `have`.
+    /// Subscribe `user` to `room`, resuming after `have`, as a gRPC stream.
     pub async fn subscribe(&self, user: &UserName, room: &str, have: VersionVector) -> Result<EventStream, ApiError> {
+        let (sender, receiver) = mpsc::channel(SUBSCRIPTION_QUEUE_EVENTS);
+        let task = self.subscribe_into(user, room, have, sender).await?;
+        tokio::spawn(task);
+        Ok(tokio_stream::wrappers::ReceiverStream::new(receiver))
+    }
+
+    /// Subscribe `user` to `room`, resuming after `have`, delivering into `sink`: the
+    /// membership check runs now; the returned task serves the subscription.
+    pub async fn subscribe_into<S: EventSink>(
+        &self,
+        user: &UserName,
+        room: &str,
+        have: VersionVector,
+        sink: S,
+    ) -> Result<SubscriptionTask, ApiError> {
         let room = limits::room_id(room)?;
         let Some(replica) = self.local_replica(&room) else {
-            return crate::feed::subscribe(self, user, room, have).await;
+            return Ok(Box::pin(crate::feed::subscribe(self, user, room, have, sink).await?));
         };
         // Watch membership before checking it, so that no change between the check and the
         // stream's start goes unseen.
         let applied = replica.state.watch_applied();
         self.member_role(&replica, &room, user).await?;
-        Ok(self.spawn_subscription(replica, room, Some(user.clone()), have, applied))
+        let node = self.node().clone();
+        let subscription = Subscription { node, replica, room, user: Some(user.clone()), have, sender: sink };
+        Ok(Box::pin(subscription.run(applied)))
     }
 
     /// Another node's feed of `room`, resuming after `have` (no user: that node checks its own
@@ -75,32 +127,21 @@ impl Ops {
             reason: format!("node {} holds no replica of shard {shard}", self.node().id),
         })?;
         let applied = replica.state.watch_applied();
-        Ok(self.spawn_subscription(replica, room, None, have, applied))
-    }
-
-    fn spawn_subscription(
-        &self,
-        replica: Replica,
-        room: RoomId,
-        user: Option<UserName>,
-        have: VersionVector,
-        applied: broadcast::Receiver<Arc<AppliedCommand>>,
-    ) -> EventStream {
         let (sender, receiver) = mpsc::channel(SUBSCRIPTION_QUEUE_EVENTS);
-        let subscription = Subscription { node: self.node().clone(), replica, room, user, have, sender };
+        let subscription = Subscription { node: self.node().clone(), replica, room, user: None, have, sender };
         tokio::spawn(subscription.run(applied));
-        tokio_stream::wrappers::ReceiverStream::new(receiver)
+        Ok(tokio_stream::wrappers::ReceiverStream::new(receiver))
     }
 }
 
-struct Subscription {
+struct Subscription<S> {
     node: Arc<NodeInner>,
     replica: Replica,
     room: RoomId,
     /// The subscriber; `None` for another node's feed.
     user: Option<UserName>,
     have: VersionVector,
-    sender: mpsc::Sender<Result<pb::RoomEvent, Status>>,
+    sender: S,
 }
 
 /// Why a subscription ended.
@@ -111,17 +152,24 @@ enum End {
     Error(Status),
 }
 
-impl Subscription {
+impl<S: EventSink> Subscription<S> {
     async fn run(mut self, applied: broadcast::Receiver<Arc<AppliedCommand>>) {
         let _registered = self.user.as_ref().map(|user| self.node.register_subscription(user, &self.room));
         if let End::Error(status) = self.serve(applied).await {
-            let _ = self.sender.send(Err(status)).await;
+            let _ = self.sender.deliver(Err(status)).await;
         }
+    }
+
+    /// The replica stopped serving the room (it is shutting down, or gave up the shard): the
+    /// subscriber resumes elsewhere from its version vector.
+    fn source_gone(&self) -> End {
+        let reason = "the subscription's source went away; resubscribe with your version vector".into();
+        End::Error(ApiError::Unavailable { shard: self.node.ring.shard_of_room(&self.room).0, reason }.into())
     }
 
     async fn send(&self, event: pb::room_event::Event) -> Result<(), End> {
         let event = pb::RoomEvent { room: self.room.0.clone(), event: Some(event) };
-        self.sender.send(Ok(event)).await.map_err(|_| End::Gone)
+        self.sender.deliver(Ok(event)).await.map_err(|_| End::Gone)
     }
 
     async fn serve(&mut self, mut applied: broadcast::Receiver<Arc<AppliedCommand>>) -> End {
@@ -164,7 +212,7 @@ impl Subscription {
             let step = tokio::select! {
                 changed = durable.changed() => match changed {
                     Ok(()) => Ok(()),
-                    Err(_) => Err(End::Gone),
+                    Err(_) => Err(self.source_gone()),
                 },
                 change = side.recv() => match change {
                     Ok(SideChange::State(state)) => {
@@ -176,14 +224,14 @@ impl Subscription {
                         let now_ms = self.node.now_ms();
                         self.send(pb::room_event::Event::State(convert::side_to_pb(&state, now_ms))).await
                     }
-                    Err(broadcast::error::RecvError::Closed) => Err(End::Gone),
+                    Err(broadcast::error::RecvError::Closed) => Err(self.source_gone()),
                 },
                 command = applied.recv() => match command {
                     Ok(command) => self.membership(&command).await,
                     Err(broadcast::error::RecvError::Lagged(missed)) => Err(End::Error(
                         ApiError::SlowConsumer(format!("fell {missed} membership changes behind")).into(),
                     )),
-                    Err(broadcast::error::RecvError::Closed) => Err(End::Gone),
+                    Err(broadcast::error::RecvError::Closed) => Err(self.source_gone()),
                 },
                 () = self.sender.closed() => Err(End::Gone),
             };

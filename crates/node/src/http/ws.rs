@@ -2,7 +2,8 @@
 //! `ChatService` (the protocol is written down in `docs/websocket.md`).
 //!
 //! One session per connection: a reader loop that parses frames and runs them, a writer task
-//! that owns the socket's sending half, and one forwarder task per subscription. Frames that
+//! that owns the socket's sending half, and one task per subscription, which writes its events
+//! straight into the connection's queue ([`SubscriptionSink`]). Frames that
 //! change the session (register, login, authenticate, subscribe, unsubscribe) run in order in
 //! the reader loop; everything else runs concurrently (at most [`WS_IN_FLIGHT_MAX`] at once,
 //! then the loop stops reading) and is answered by id. Limits: [`super::REQUEST_BYTES_MAX`]
@@ -12,10 +13,15 @@
 //! in a queue of at most [`WS_OUTBOUND_BYTES_MAX`]; a client that leaves it full for
 //! [`WS_SLOW_CONSUMER_MS`] is disconnected with `slow_consumer`: memory per connection stays
 //! bounded, and the client resumes from its version vectors.
+//!
+//! An idle connection should cost little memory (see the README's WebSocket figures): the read
+//! buffer starts small, handling a frame is boxed (its state exists only while it runs), the
+//! queue is a `VecDeque` that allocates only while frames wait, and a subscription is one task.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +35,7 @@ use palaver_ids::UserName;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::json::{self, ErrorBody};
@@ -38,11 +44,12 @@ use crate::dispatch;
 use crate::error::{ApiError, ERROR_CODE_METADATA_KEY};
 use crate::metrics::Surface;
 use crate::ops::TargetAction;
+use crate::subscribe::{EventSink, Gone};
 
 /// Past this size a frame is not read at all: the connection is closed (code 1009).
 pub const WS_FRAME_BYTES_HARD_MAX: usize = 1024 * 1024;
 /// The read buffer a connection starts with (it grows for larger frames).
-pub const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
+pub const WS_READ_BUFFER_BYTES: usize = 2 * 1024;
 /// Frames a connection may send per second, sustained.
 pub const WS_FRAMES_PER_SECOND: u32 = 100;
 /// Frames a connection may send at once.
@@ -53,6 +60,8 @@ pub const WS_SUBSCRIPTIONS_MAX: usize = 256;
 pub const WS_IN_FLIGHT_MAX: usize = 64;
 /// Frames queued to be sent to one connection.
 pub const WS_OUTBOUND_FRAMES: usize = 1_024;
+/// Slots an emptied outbound queue keeps (more are given back).
+const WS_OUTBOUND_SLOTS_KEPT: usize = 8;
 /// Bytes of frames queued to be sent to one connection: what a connection may hold in memory
 /// beyond the socket's own buffer, however slowly its client reads.
 pub const WS_OUTBOUND_BYTES_MAX: usize = 1024 * 1024;
@@ -124,24 +133,42 @@ struct Session {
     out: Outbox,
     /// The login token the session runs as.
     token: Option<String>,
+    /// Open subscriptions by id (a finished task is a subscription that ended on its own).
     subscriptions: HashMap<u64, JoinHandle<()>>,
-    /// Subscriptions that ended on their own, to forget.
-    ended: mpsc::UnboundedReceiver<u64>,
-    ended_tx: mpsc::UnboundedSender<u64>,
-    /// Set when something decides that the connection must close.
-    closing: watch::Sender<Option<Closing>>,
     in_flight: Arc<Semaphore>,
     limiter: governor::DefaultDirectRateLimiter,
 }
 
-/// The sending side of a connection's queue, bounded in frames and bytes. Every sender (the
-/// session, running operations, subscriptions) goes through it; the writer task drains it.
+/// A connection's outbound queue, bounded in frames and bytes. Every sender (the session,
+/// running operations, subscriptions) goes through it; the writer task drains it.
 #[derive(Debug, Clone)]
 struct Outbox {
-    frames: mpsc::Sender<(Message, OwnedSemaphorePermit)>,
-    bytes: Arc<Semaphore>,
-    closing: watch::Sender<Option<Closing>>,
+    shared: Arc<OutboxShared>,
     metrics: crate::metrics::Metrics,
+}
+
+#[derive(Debug, Default)]
+struct OutboxShared {
+    state: std::sync::Mutex<Queue>,
+    /// Wakes the writer: a frame was queued, or the connection is to close.
+    queued: Notify,
+    /// Wakes senders waiting for room (a frame was written, or the connection ends).
+    room: Notify,
+    /// Wakes those waiting for the connection's end (the session's reader, subscriptions).
+    ended: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Message>,
+    /// Bytes of text in `frames` and being written.
+    bytes: usize,
+    /// Set when something decides that the connection must close (the first reason wins).
+    closing: Option<Closing>,
+    /// Set when the session ends: the writer sends what is queued, then the close frame.
+    finished: bool,
+    /// Set when the writer stopped: nothing more is sent.
+    gone: bool,
 }
 
 /// Why a frame was not queued.
@@ -153,41 +180,170 @@ enum NotSent {
     Slow,
 }
 
-impl Outbox {
-    /// Queue `message`, waiting at most [`WS_SLOW_CONSUMER_MS`] for room; past that the client
-    /// is too slow and the connection is told to close (`why` says what was not read).
-    async fn send(&self, message: Message, why: impl FnOnce() -> String) -> Result<(), NotSent> {
-        let size = match &message {
-            Message::Text(text) => text.len(),
-            _ => 0,
-        };
-        let permits = u32::try_from(size.clamp(1, WS_OUTBOUND_BYTES_MAX)).unwrap_or(u32::MAX);
-        let queue = async {
-            let permit = self.bytes.clone().acquire_many_owned(permits).await.map_err(|_| NotSent::Gone)?;
-            self.frames.send((message, permit)).await.map_err(|_| NotSent::Gone)
-        };
-        match tokio::time::timeout(Duration::from_millis(WS_SLOW_CONSUMER_MS), queue).await {
-            Ok(result) => result,
-            Err(_) => {
-                if signal_close(&self.closing, CLOSE_SLOW_CONSUMER, ApiError::SlowConsumer(why())) {
-                    self.metrics.slow_subscriber_dropped(Surface::Ws);
-                }
-                Err(NotSent::Slow)
-            }
-        }
+fn text_bytes(message: &Message) -> usize {
+    match message {
+        Message::Text(text) => text.len(),
+        _ => 0,
     }
 }
 
-/// Ask the session to close with `code` and `error`; the first reason wins (returns whether
-/// this one did).
-fn signal_close(closing: &watch::Sender<Option<Closing>>, code: u16, error: ApiError) -> bool {
-    closing.send_if_modified(|closing| {
-        if closing.is_some() {
+impl Outbox {
+    fn new(metrics: crate::metrics::Metrics) -> Self {
+        Outbox { shared: Arc::new(OutboxShared::default()), metrics }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Queue> {
+        crate::lock(&self.shared.state)
+    }
+
+    /// Queue `message`, waiting at most [`WS_SLOW_CONSUMER_MS`] for room; past that the client
+    /// is too slow and the connection is told to close (`why` says what was not read).
+    async fn send(&self, message: Message, why: impl FnOnce() -> String) -> Result<(), NotSent> {
+        let size = text_bytes(&message);
+        let mut message = match self.try_push(message, size) {
+            Ok(pushed) => return pushed,
+            Err(message) => message,
+        };
+        let mut deadline = None;
+        loop {
+            // Registered before looking again, so that room made in between is not missed.
+            let changed = self.shared.room.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            message = match self.try_push(message, size) {
+                Ok(pushed) => return pushed,
+                Err(message) => message,
+            };
+            let at = *deadline.get_or_insert_with(|| Instant::now() + Duration::from_millis(WS_SLOW_CONSUMER_MS));
+            if tokio::time::timeout_at(at.into(), changed).await.is_err() {
+                if self.close(CLOSE_SLOW_CONSUMER, ApiError::SlowConsumer(why())) {
+                    self.metrics.slow_subscriber_dropped(Surface::Ws);
+                }
+                return Err(NotSent::Slow);
+            }
+        }
+    }
+
+    /// Queue `message` if there is room: `Err` gives it back when there is none.
+    fn try_push(&self, message: Message, size: usize) -> Result<Result<(), NotSent>, Message> {
+        let mut queue = self.state();
+        if queue.gone || queue.finished || queue.closing.is_some() {
+            return Ok(Err(NotSent::Gone));
+        }
+        // One frame always fits, however large: the bound is on what waits.
+        if !queue.frames.is_empty()
+            && (queue.frames.len() >= WS_OUTBOUND_FRAMES || queue.bytes + size > WS_OUTBOUND_BYTES_MAX)
+        {
+            return Err(message);
+        }
+        queue.bytes += size;
+        queue.frames.push_back(message);
+        drop(queue);
+        self.shared.queued.notify_one();
+        Ok(Ok(()))
+    }
+
+    /// Ask the session to close with `code` and `error`; the first reason wins (returns whether
+    /// this one did).
+    fn close(&self, code: u16, error: ApiError) -> bool {
+        let mut queue = self.state();
+        if queue.closing.is_some() || queue.gone {
             return false;
         }
-        *closing = Some(Closing { code, error });
+        queue.closing = Some(Closing { code, error });
+        drop(queue);
+        self.wake_all();
         true
-    })
+    }
+
+    /// Resolves once the connection is to close (`Some`: why), or is gone (`None`).
+    async fn ending(&self) -> Option<Closing> {
+        loop {
+            let ended = self.shared.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            {
+                let queue = self.state();
+                if queue.closing.is_some() || queue.gone {
+                    return queue.closing.clone();
+                }
+            }
+            ended.await;
+        }
+    }
+
+    fn is_gone(&self) -> bool {
+        let queue = self.state();
+        queue.gone || queue.finished || queue.closing.is_some()
+    }
+
+    /// The session ended: the writer sends what is queued and closes.
+    fn finish(&self) {
+        self.state().finished = true;
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        self.shared.queued.notify_one();
+        self.shared.room.notify_waiters();
+        self.shared.ended.notify_waiters();
+    }
+
+    /// The writer stopped.
+    fn set_gone(&self) {
+        let mut queue = self.state();
+        queue.gone = true;
+        queue.frames = VecDeque::new();
+        drop(queue);
+        self.wake_all();
+    }
+
+    /// What the writer does next.
+    async fn next_for_writer(&self) -> Next {
+        loop {
+            if let Some(next) = self.try_next() {
+                return next;
+            }
+            // Registered before looking again, so that a frame queued in between is not missed.
+            let queued = self.shared.queued.notified();
+            tokio::pin!(queued);
+            queued.as_mut().enable();
+            if let Some(next) = self.try_next() {
+                return next;
+            }
+            queued.await;
+        }
+    }
+
+    fn try_next(&self) -> Option<Next> {
+        let mut queue = self.state();
+        if let Some(closing) = &queue.closing {
+            return Some(Next::Close(Some(closing.clone())));
+        }
+        if let Some(message) = queue.frames.pop_front() {
+            // An emptied queue gives back what a burst made it grow to: idle connections keep
+            // a few slots at most, busy ones do not allocate per frame.
+            if queue.frames.is_empty() && queue.frames.capacity() > WS_OUTBOUND_SLOTS_KEPT {
+                queue.frames = VecDeque::new();
+            }
+            return Some(Next::Write(message));
+        }
+        queue.finished.then_some(Next::Close(None))
+    }
+
+    /// `bytes` of frames were written: room for senders.
+    fn written(&self, bytes: usize) {
+        let mut queue = self.state();
+        queue.bytes = queue.bytes.saturating_sub(bytes);
+        drop(queue);
+        self.shared.room.notify_waiters();
+    }
+}
+
+/// What the writer does next.
+enum Next {
+    Write(Message),
+    Close(Option<Closing>),
 }
 
 fn frame(value: Value) -> Message {
@@ -223,13 +379,8 @@ impl Session {
         let _slot = slot;
         let _counted = gateway.node.metrics.connection(Surface::Ws);
         let (sink, stream) = socket.split();
-        let (frames, outbound) = mpsc::channel(WS_OUTBOUND_FRAMES);
-        let (closing, closing_rx) = watch::channel(None);
-        let metrics = gateway.node.metrics.clone();
-        let writer = tokio::spawn(write_frames(sink, outbound, closing.clone(), metrics.clone()));
-        let bytes = Arc::new(Semaphore::new(WS_OUTBOUND_BYTES_MAX));
-        let out = Outbox { frames, bytes, closing: closing.clone(), metrics };
-        let (ended_tx, ended) = mpsc::unbounded_channel();
+        let out = Outbox::new(gateway.node.metrics.clone());
+        let writer = tokio::spawn(write_frames(sink, out.clone()));
         let burst = NonZeroU32::new(WS_FRAME_BURST).unwrap_or(NonZeroU32::MIN);
         let rate = NonZeroU32::new(WS_FRAMES_PER_SECOND).unwrap_or(NonZeroU32::MIN);
         let mut session = Session {
@@ -237,25 +388,23 @@ impl Session {
             out,
             token,
             subscriptions: HashMap::new(),
-            ended,
-            ended_tx,
-            closing,
             in_flight: Arc::new(Semaphore::new(WS_IN_FLIGHT_MAX)),
             limiter: governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst)),
         };
-        session.send(session.hello().await).await;
-        session.read_frames(stream, closing_rx).await;
+        session.send(session.hello()).await;
+        session.read_frames(stream).await;
         for (_, task) in session.subscriptions.drain() {
             task.abort();
         }
         // Let the writer send what is queued and the close frame, then stop.
+        session.out.finish();
         drop(session);
         let _ = tokio::time::timeout(Duration::from_millis(WS_SLOW_CONSUMER_MS), writer).await;
     }
 
     /// The first frame: which node this is, who the session runs as, and every node's HTTP
     /// address, so that a page can move to another node if this one dies.
-    async fn hello(&self) -> Message {
+    fn hello(&self) -> Message {
         let node = &self.gateway.node;
         let user = self.token.as_deref().and_then(|t| self.gateway.ops.authenticate(Some(t)).ok());
         let nodes: Vec<Value> = crate::directory::http_addrs(node)
@@ -278,47 +427,48 @@ impl Session {
         }))
     }
 
-    async fn read_frames(
-        &mut self,
-        mut stream: futures::stream::SplitStream<WebSocket>,
-        mut closing: watch::Receiver<Option<Closing>>,
-    ) {
+    async fn read_frames(&mut self, mut stream: futures::stream::SplitStream<WebSocket>) {
         let mut stopped = self.gateway.stopped.clone();
+        let out = self.out.clone();
         loop {
             let next = tokio::select! {
                 next = stream.next() => next,
-                Some(sub) = self.ended.recv() => {
-                    self.subscriptions.remove(&sub);
-                    continue;
-                }
-                _ = closing.wait_for(Option::is_some) => return,
+                _ = out.ending() => return,
                 _ = stopped.wait_for(|stop| *stop) => {
                     self.close(1001, ApiError::Unavailable { shard: 0, reason: "the node is stopping".into() });
                     return;
                 }
             };
-            match next {
-                None | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
-                Some(Ok(Message::Binary(_))) => {
-                    let error =
-                        ApiError::Malformed("binary frames are not part of the protocol; send JSON text".into());
-                    self.send(error_frame(None, &error)).await;
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Err(e)) => {
-                    let text = e.to_string();
-                    if text.contains("too long") || text.contains("too big") {
-                        self.close(1009, ApiError::TooLarge { what: "frame".into(), limit: WS_FRAME_BYTES_HARD_MAX });
-                    }
-                    return;
-                }
+            // Boxed: handling a frame needs far more state than waiting for one, and an idle
+            // connection should not carry it.
+            if Box::pin(self.on_message(next)).await.is_break() {
+                return;
             }
         }
     }
 
+    async fn on_message(&mut self, next: Option<Result<Message, axum::Error>>) -> ControlFlow<()> {
+        match next {
+            None | Some(Ok(Message::Close(_))) => return ControlFlow::Break(()),
+            Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await,
+            Some(Ok(Message::Binary(_))) => {
+                let error = ApiError::Malformed("binary frames are not part of the protocol; send JSON text".into());
+                self.send(error_frame(None, &error)).await;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Err(e)) => {
+                let text = e.to_string();
+                if text.contains("too long") || text.contains("too big") {
+                    self.close(1009, ApiError::TooLarge { what: "frame".into(), limit: WS_FRAME_BYTES_HARD_MAX });
+                }
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
     fn close(&self, code: u16, error: ApiError) {
-        let _ = signal_close(&self.closing, code, error);
+        let _ = self.out.close(code, error);
     }
 
     async fn send(&self, message: Message) {
@@ -402,6 +552,8 @@ impl Session {
             "subscribe" => {
                 let a: json::SubscribeArgs = args(a)?;
                 let user = ops.authenticate(self.token.as_deref())?;
+                // Forget subscriptions that ended on their own (their `ended` frame is sent).
+                self.subscriptions.retain(|_, task| !task.is_finished());
                 if self.subscriptions.contains_key(&id) {
                     return Err(ApiError::invalid("id", "a subscription with this id is open"));
                 }
@@ -412,18 +564,12 @@ impl Session {
                     });
                 }
                 let room = a.room.clone();
-                let stream = dispatch::subscribe(ops, &user, a.into_pb()?).await?;
-                let reply = reply(json::Subscribed { sub: id, room: room.clone() })?;
-                // The reply goes out before the first event: the forwarder starts after it.
+                let sink = SubscriptionSink { sub: id, room: room.clone(), out: self.out.clone() };
+                let task = dispatch::subscribe_into(ops, &user, a.into_pb()?, sink).await?;
+                let reply = reply(json::Subscribed { sub: id, room })?;
+                // The reply goes out before the first event: the subscription starts after it.
                 self.send(answer_frame(id, Ok(reply))).await;
-                let forwarder = Forwarder {
-                    sub: id,
-                    room,
-                    out: self.out.clone(),
-                    ended: self.ended_tx.clone(),
-                    metrics: self.gateway.node.metrics.clone(),
-                };
-                self.subscriptions.insert(id, tokio::spawn(forwarder.run(stream)));
+                self.subscriptions.insert(id, tokio::spawn(task));
                 Ok(None)
             }
             "unsubscribe" => {
@@ -431,6 +577,7 @@ impl Session {
                 let task = self
                     .subscriptions
                     .remove(&a.sub)
+                    .filter(|task| !task.is_finished())
                     .ok_or_else(|| ApiError::invalid("sub", "no open subscription has this id"))?;
                 task.abort();
                 reply(json!({ "sub": a.sub })).map(Some)
@@ -534,87 +681,79 @@ async fn run(gateway: &Gateway, user: &UserName, op: &str, a: Value) -> Result<V
     }
 }
 
-/// Moves one subscription's events into the connection's queue.
-struct Forwarder {
+/// Delivers one subscription's events straight into the connection's queue, as `event` frames,
+/// and its end as an `ended` frame: the subscription's own task is all an open subscription
+/// costs (no channel, no forwarding task).
+struct SubscriptionSink {
     sub: u64,
     room: String,
     out: Outbox,
-    ended: mpsc::UnboundedSender<u64>,
-    metrics: crate::metrics::Metrics,
 }
 
-impl Forwarder {
-    async fn run(self, mut stream: crate::subscribe::EventStream) {
-        let end = loop {
-            let Some(item) = stream.next().await else {
-                break Some(ErrorBody::from(&ApiError::Unavailable {
-                    shard: 0,
-                    reason: "the subscription's source went away; resubscribe with your version vector".into(),
-                }));
-            };
-            let event = match item {
-                Ok(event) => event,
-                Err(status) => break Some(status_error(&status)),
-            };
-            let Some(event) = json::RoomEvent::from_pb(event) else { continue };
-            let message = frame(json!({ "type": "event", "sub": self.sub, "room": self.room, "event": event }));
-            match self.out.send(message, || format!("events of {} were not read", self.room)).await {
-                Ok(()) => {}
-                Err(NotSent::Gone) => return,
-                // The client does not read: it is disconnected rather than buffered for.
-                Err(NotSent::Slow) => return,
+impl SubscriptionSink {
+    async fn deliver_frame(&self, event: Result<palaver_proto::v1::RoomEvent, tonic::Status>) -> Result<(), Gone> {
+        let message = match event {
+            Ok(event) => {
+                let Some(event) = json::RoomEvent::from_pb(event) else { return Ok(()) };
+                frame(json!({ "type": "event", "sub": self.sub, "room": self.room, "event": event }))
+            }
+            Err(status) => {
+                let error = status_error(&status);
+                // The subscription's source found it too slow (a node feed's buffer moved on).
+                if error.code == "slow_consumer" {
+                    self.out.metrics.slow_subscriber_dropped(Surface::Ws);
+                }
+                frame(json!({ "type": "ended", "sub": self.sub, "room": self.room, "error": error }))
             }
         };
-        if let Some(error) = end {
-            // The subscription's source found it too slow (a node feed's buffer moved on).
-            if error.code == "slow_consumer" {
-                self.metrics.slow_subscriber_dropped(Surface::Ws);
-            }
-            let message = frame(json!({ "type": "ended", "sub": self.sub, "room": self.room, "error": error }));
-            let _ = self.out.send(message, || format!("the end of {} was not read", self.room)).await;
-        }
-        let _ = self.ended.send(self.sub);
+        // A client that does not read is disconnected rather than buffered for.
+        self.out.send(message, || format!("events of {} were not read", self.room)).await.map_err(|_| Gone)
+    }
+}
+
+impl EventSink for SubscriptionSink {
+    async fn deliver(&self, event: Result<palaver_proto::v1::RoomEvent, tonic::Status>) -> Result<(), Gone> {
+        // Boxed: the subscription's task waits far more often than it delivers.
+        Box::pin(self.deliver_frame(event)).await
+    }
+
+    async fn closed(&self) {
+        let _ = self.out.ending().await;
+    }
+
+    fn is_closed(&self) -> bool {
+        self.out.is_gone()
     }
 }
 
 /// Owns the sending half: writes queued frames; when the session decides to close, sends a
 /// `closing` frame and the close frame. A write that does not finish within
 /// [`WS_SLOW_CONSUMER_MS`] ends the connection.
-async fn write_frames(
-    mut sink: futures::stream::SplitSink<WebSocket, Message>,
-    mut outbound: mpsc::Receiver<(Message, OwnedSemaphorePermit)>,
-    closing: watch::Sender<Option<Closing>>,
-    metrics: crate::metrics::Metrics,
-) {
-    let mut closing_rx = closing.subscribe();
+async fn write_frames(mut sink: futures::stream::SplitSink<WebSocket, Message>, out: Outbox) {
     let write_deadline = Duration::from_millis(WS_SLOW_CONSUMER_MS);
     loop {
-        let message = tokio::select! {
-            biased;
-            _ = closing_rx.wait_for(Option::is_some) => None,
-            message = outbound.recv() => Some(message),
-        };
-        match message {
-            // Every sender is gone: the session ended without a reason to give.
-            Some(None) => return close_with(&mut sink, None).await,
-            // The permit (the frame's bytes in the queue) is released once the frame is written.
-            Some(Some((message, _permit))) => match tokio::time::timeout(write_deadline, sink.send(message)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    let error = ApiError::SlowConsumer("the socket did not drain".into());
-                    if signal_close(&closing, CLOSE_SLOW_CONSUMER, error) {
-                        metrics.slow_subscriber_dropped(Surface::Ws);
+        match out.next_for_writer().await {
+            Next::Write(message) => {
+                let size = text_bytes(&message);
+                match tokio::time::timeout(write_deadline, sink.send(message)).await {
+                    Ok(Ok(())) => out.written(size),
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        let error = ApiError::SlowConsumer("the socket did not drain".into());
+                        if out.close(CLOSE_SLOW_CONSUMER, error) {
+                            out.metrics.slow_subscriber_dropped(Surface::Ws);
+                        }
+                        break;
                     }
-                    return;
                 }
-            },
-            None => {
-                let why = closing.borrow().clone();
-                return close_with(&mut sink, why).await;
+            }
+            Next::Close(why) => {
+                close_with(&mut sink, why).await;
+                break;
             }
         }
     }
+    out.set_gone();
 }
 
 async fn close_with(sink: &mut futures::stream::SplitSink<WebSocket, Message>, why: Option<Closing>) {
@@ -629,4 +768,75 @@ async fn close_with(sink: &mut futures::stream::SplitSink<WebSocket, Message>, w
         None => None,
     };
     let _ = tokio::time::timeout(deadline, sink.send(Message::Close(close))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(n: usize) -> Message {
+        Message::Text(Utf8Bytes::from("x".repeat(n)))
+    }
+
+    async fn written(out: &Outbox) -> usize {
+        match out.next_for_writer().await {
+            Next::Write(message) => {
+                let size = text_bytes(&message);
+                out.written(size);
+                size
+            }
+            Next::Close(_) => panic!("the writer was told to close"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_holds_senders_until_the_writer_makes_room() {
+        let out = Outbox::new(crate::metrics::Metrics::default());
+        // Bytes: a frame that does not fit beside what waits, waits.
+        let half = WS_OUTBOUND_BYTES_MAX / 2 + 1;
+        assert_eq!(out.send(text(half), String::new).await, Ok(()));
+        let sender = out.clone();
+        let waiting = tokio::spawn(async move { sender.send(text(half), String::new).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the second frame must wait for room");
+        assert_eq!(written(&out).await, half);
+        assert_eq!(waiting.await.ok(), Some(Ok(())));
+        assert_eq!(written(&out).await, half);
+        // Frames: the count is bounded too.
+        for _ in 0..WS_OUTBOUND_FRAMES {
+            assert_eq!(out.send(text(1), String::new).await, Ok(()));
+        }
+        let sender = out.clone();
+        let waiting = tokio::spawn(async move { sender.send(text(1), String::new).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "frame {} must wait for room", WS_OUTBOUND_FRAMES + 1);
+        written(&out).await;
+        assert_eq!(waiting.await.ok(), Some(Ok(())));
+    }
+
+    #[tokio::test]
+    async fn a_finished_session_is_drained_then_closed_and_a_gone_writer_refuses_frames() {
+        let out = Outbox::new(crate::metrics::Metrics::default());
+        assert_eq!(out.send(text(3), String::new).await, Ok(()));
+        out.finish();
+        assert_eq!(out.send(text(3), String::new).await, Err(NotSent::Gone));
+        assert_eq!(written(&out).await, 3);
+        assert!(matches!(out.next_for_writer().await, Next::Close(None)));
+        out.set_gone();
+        assert!(out.is_gone());
+        assert_eq!(out.send(text(3), String::new).await, Err(NotSent::Gone));
+    }
+
+    #[tokio::test]
+    async fn the_first_reason_to_close_wins_and_ends_waiters() {
+        let out = Outbox::new(crate::metrics::Metrics::default());
+        assert_eq!(out.send(text(3), String::new).await, Ok(()));
+        let watcher = out.clone();
+        let ending = tokio::spawn(async move { watcher.ending().await.map(|closing| closing.code) });
+        assert!(out.close(CLOSE_SLOW_CONSUMER, ApiError::SlowConsumer("test".into())));
+        assert!(!out.close(1001, ApiError::Internal("later".into())));
+        assert_eq!(ending.await.ok(), Some(Some(CLOSE_SLOW_CONSUMER)));
+        // The close goes out before what is still queued.
+        assert!(matches!(out.next_for_writer().await, Next::Close(Some(Closing { code: CLOSE_SLOW_CONSUMER, .. }))));
+    }
 }

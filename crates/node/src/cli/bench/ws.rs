@@ -10,7 +10,10 @@
 //!    when the bench started the nodes: with `--addr` it does not know their processes). The
 //!    nodes are restarted between the setup and this phase: the setup's logins hash passwords
 //!    (argon2, 19 MiB each), and the allocator keeps much of that memory, which connections
-//!    would then reuse unseen.
+//!    would then reuse unseen. After the restart the bench opens one warm-up connection per
+//!    room and node (subscribed; they stay open), so that loading the rooms is not counted as
+//!    the connections' cost, and waits until the nodes' resident sets stop growing (a node
+//!    just started grows by about a third of its size while it loads its shards).
 //! 2. **Delivery latency with them open.** A light load (`--idle-rate` posts/s, one posting
 //!    connection per room or more) for `--seconds`: posts/s, ack latency, and latency from a
 //!    post's sending to its event at every subscriber of its room.
@@ -56,6 +59,13 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::posts::{DRAIN_DEADLINE_MS, USER_POST_INTERVAL_MS, body, key, parse_body};
 use super::{Cluster, ClusterArgs, quantile_ms};
+
+/// The nodes' resident sets count as settled when they changed by less than this...
+const RSS_SETTLED_KIB: u64 = 2 * 1024;
+/// ...over this long.
+const RSS_SETTLE_WINDOW_MS: u64 = 2_000;
+/// Longest wait for the nodes to settle.
+const RSS_SETTLE_MAX_MS: u64 = 60_000;
 
 /// In the idle phase, each posting connection posts at most this many posts/s (more posters
 /// are used for higher `--idle-rate`).
@@ -191,6 +201,15 @@ async fn idle(args: &WsBenchArgs, shared: &Arc<Shared>, pids: &[u32], table: &mu
             Peer::new(i, user, user % args.rooms, i % nodes)
         })
         .collect::<Result<_, _>>()?;
+    // One connection per room and node, subscribed, kept open: the rooms are loaded on every
+    // node before the measured connections open.
+    let warm_peers: Vec<Peer> = (0..args.rooms * nodes)
+        .map(|i| Peer::new(i, i % args.rooms, i % args.rooms, i / args.rooms))
+        .collect::<Result<_, _>>()?;
+    let warm = Group::start(shared.clone(), warm_peers);
+    warm.wait_opened().await?;
+    warm.subscribe().await?;
+    let settle = settle_rss(pids).await;
     let rss_before = nodes_rss_kib(pids);
     let bench_rss_before = rss_kib("self");
     let opening = Instant::now();
@@ -203,9 +222,11 @@ async fn idle(args: &WsBenchArgs, shared: &Arc<Shared>, pids: &[u32], table: &mu
     let rss_subscribed = nodes_rss_kib(pids);
     println!(
         "idle: {opened} connections ({}) open and authenticated in {authenticated_s:.1} s, subscribed in \
-         {subscribed_s:.1} s ({:.0} connections/s)",
+         {subscribed_s:.1} s ({:.0} connections/s), on top of {} warm-up connections (the nodes settled in {:.1} s)",
         group.opened_per_node(nodes).iter().map(usize::to_string).collect::<Vec<_>>().join(" + "),
-        opened as f64 / (authenticated_s + subscribed_s).max(f64::EPSILON)
+        opened as f64 / (authenticated_s + subscribed_s).max(f64::EPSILON),
+        warm.peers.len(),
+        settle.as_secs_f64(),
     );
     group.print_trouble();
     match (rss_before, rss_authenticated, rss_subscribed) {
@@ -235,7 +256,25 @@ async fn idle(args: &WsBenchArgs, shared: &Arc<Shared>, pids: &[u32], table: &mu
         group.run(table, label, posters, Some(interval), args.seconds).await?;
     }
     group.close().await;
+    warm.close().await;
     Ok(())
+}
+
+/// Wait until the nodes' resident sets stop growing (less than [`RSS_SETTLED_KIB`] in
+/// [`RSS_SETTLE_WINDOW_MS`]), at most [`RSS_SETTLE_MAX_MS`]; how long that took.
+async fn settle_rss(pids: &[u32]) -> Duration {
+    let started = Instant::now();
+    let mut last = nodes_rss_kib(pids);
+    while started.elapsed() < Duration::from_millis(RSS_SETTLE_MAX_MS) {
+        tokio::time::sleep(Duration::from_millis(RSS_SETTLE_WINDOW_MS)).await;
+        let now = nodes_rss_kib(pids);
+        match (last, now) {
+            (Some(last), Some(now)) if now.abs_diff(last) < RSS_SETTLED_KIB => break,
+            (None, _) | (_, None) => break,
+            _ => last = now,
+        }
+    }
+    started.elapsed()
 }
 
 /// Phase 3: a connection per user, each subscribed to its room and posting into it.
