@@ -98,6 +98,8 @@ pub struct NodeInner {
     pub ring: ShardRing,
     /// Signs and verifies login tokens.
     pub signer: TokenSigner,
+    /// Threads for password hashes (register, login).
+    pub hashes: crate::auth::HashPool,
     /// Addresses to ask for the cluster map before the view knows any node.
     pub seeds: Vec<String>,
     /// Per-user write rate limits.
@@ -328,6 +330,7 @@ impl Node {
             id: identity.node_id,
             ring: ShardRing::new(identity.shard_count),
             signer: TokenSigner::new(identity.token_secret.clone()),
+            hashes: crate::auth::HashPool::start().map_err(NodeError::Server)?,
             identity,
             advertise_addr: config.advertise_addr.clone(),
             env,

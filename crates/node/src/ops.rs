@@ -89,9 +89,7 @@ impl Ops {
         limits::password(password)?;
         let salt = self.node.env.rng.bytes(PASSWORD_SALT_BYTES);
         let password = password.to_owned();
-        let password_hash = tokio::task::spawn_blocking(move || auth::hash_password(&password, &salt))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        let password_hash = self.node.hashes.run(move || auth::hash_password(&password, &salt)).await?;
         let shard = self.node.ring.shard_of_user(&user);
         let command = Command::RegisterUser { user: user.clone(), password_hash, at_ms: self.node.now_ms() };
         self.submit(shard, command).await?;
@@ -110,9 +108,7 @@ impl Ops {
             return Err(wrong());
         };
         let password = password.to_owned();
-        let ok = tokio::task::spawn_blocking(move || auth::verify_password(&password, &record.password_hash))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))??;
+        let ok = self.node.hashes.run(move || auth::verify_password(&password, &record.password_hash)).await?;
         if !ok {
             return Err(wrong());
         }
