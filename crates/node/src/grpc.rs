@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tonic::{Request, Response, Status};
 
+use crate::connections::{ClientConnection, ConnectionInfo};
 use crate::convert;
 use crate::dispatch;
 use crate::error::ApiError;
@@ -37,7 +38,12 @@ pub const PIPELINE_IN_FLIGHT_MAX: usize = 1024;
 pub const STATUS_NODE_TIMEOUT_MS: u64 = 2_000;
 
 /// Serve every gRPC service on `listener` until `stopped` turns true.
-pub async fn serve(node: Arc<NodeInner>, listener: TcpListener, mut stopped: watch::Receiver<bool>) {
+pub async fn serve(
+    node: Arc<NodeInner>,
+    listener: TcpListener,
+    per_address: crate::limits::PerAddress,
+    mut stopped: watch::Receiver<bool>,
+) {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(palaver_proto::FILE_DESCRIPTOR_SET)
         .build_v1();
@@ -56,13 +62,21 @@ pub async fn serve(node: Arc<NodeInner>, listener: TcpListener, mut stopped: wat
         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
     // Accepted sockets do not inherit the builder's `tcp_nodelay` when the listener is ours:
     // without it, Nagle holds back the small frames of streams until the peer's delayed ACK.
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |socket| {
-        socket.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::warn!(error = %e, "could not set TCP_NODELAY");
-            }
-        })
-    });
+    // Each connection is counted against its client's address (`connections.rs`).
+    let metrics = node.metrics.clone();
+    let incoming =
+        tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), move |socket| {
+            socket.map(|s| {
+                if let Err(e) = s.set_nodelay(true) {
+                    tracing::warn!(error = %e, "could not set TCP_NODELAY");
+                }
+                let connection = ClientConnection::accept(s, &per_address);
+                if connection_refused(&connection) {
+                    metrics.connection_refused(crate::metrics::Surface::Grpc);
+                }
+                connection
+            })
+        });
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .layer(CountCalls { metrics: node.metrics.clone() })
@@ -77,6 +91,11 @@ pub async fn serve(node: Arc<NodeInner>, listener: TcpListener, mut stopped: wat
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }
+}
+
+fn connection_refused(connection: &ClientConnection) -> bool {
+    use tonic::transport::server::Connected as _;
+    connection.connect_info().refused.is_some()
 }
 
 /// Counts `ChatService` calls in the node's metrics: by method and by the `palaver-error` code
@@ -139,6 +158,8 @@ impl<S, B, R> tower::Service<tonic::codegen::http::Request<B>> for Counted<S>
 where
     S: tower::Service<tonic::codegen::http::Request<B>, Response = tonic::codegen::http::Response<R>>,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Default + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -152,6 +173,14 @@ where
         let method = chat_method(request.uri().path());
         let metrics = self.metrics.clone();
         let started = std::time::Instant::now();
+        // A connection past its address's limit gets the refusal on every call.
+        let refused = request.extensions().get::<ConnectionInfo>().and_then(|info| info.refused.clone());
+        if let Some(error) = refused {
+            if let Some(method) = method {
+                metrics.observe(crate::metrics::Surface::Grpc, method, error.code(), started);
+            }
+            return Box::pin(async move { Ok(Status::from(error).into_http()) });
+        }
         let call = self.inner.call(request);
         Box::pin(async move {
             let response = call.await;
@@ -290,14 +319,17 @@ impl ChatService for ChatApi {
         Ok(Response::new(dispatch::history(&self.ops, &user, request.into_inner()).await?))
     }
 
-    type SubscribeStream = crate::subscribe::EventStream;
+    type SubscribeStream = crate::connections::Counted<crate::subscribe::EventStream>;
 
     async fn subscribe(
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let user = self.user(&request)?;
-        Ok(Response::new(dispatch::subscribe(&self.ops, &user, request.into_inner()).await?))
+        // Counted on its connection while the stream lives.
+        let slot = request.extensions().get::<ConnectionInfo>().map(ConnectionInfo::subscription).transpose()?;
+        let stream = dispatch::subscribe(&self.ops, &user, request.into_inner()).await?;
+        Ok(Response::new(crate::connections::Counted::new(stream, slot)))
     }
 
     async fn set_presence(

@@ -42,6 +42,7 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod connections;
 pub mod convert;
 pub mod directory;
 pub mod dispatch;

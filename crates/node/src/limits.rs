@@ -106,41 +106,116 @@ pub fn token(field: &'static str, value: &str, max: usize) -> Result<String, Api
     Ok(value.to_owned())
 }
 
-/// Per-user token buckets: [`WRITES_PER_SECOND_PER_USER`] sustained, [`WRITE_BURST_PER_USER`]
-/// at once. Time comes from the caller (the node's injected clock).
-#[derive(Debug, Default)]
+/// Per-user token buckets (governor's keyed GCRA limiter): [`WRITES_PER_SECOND_PER_USER`]
+/// sustained, [`WRITE_BURST_PER_USER`] at once. Time comes from the caller (the node's injected
+/// clock), so that a simulated node is limited in simulated time.
+#[derive(Debug)]
 pub struct RateLimiter {
-    buckets: std::sync::Mutex<std::collections::BTreeMap<palaver_ids::UserName, Bucket>>,
+    limiter: governor::RateLimiter<
+        palaver_ids::UserName,
+        governor::state::keyed::HashMapStateStore<palaver_ids::UserName>,
+        CallerClock,
+        governor::middleware::NoOpMiddleware<governor::nanos::Nanos>,
+    >,
+    clock: CallerClock,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    /// Tokens, in thousandths.
-    milli_tokens: u64,
-    at_ms: u64,
+/// The latest time a caller passed in, in milliseconds: the limiter's clock.
+#[derive(Debug, Clone, Default)]
+struct CallerClock(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl CallerClock {
+    fn advance_to(&self, now_ms: u64) {
+        self.0.fetch_max(now_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl governor::clock::Clock for CallerClock {
+    type Instant = governor::nanos::Nanos;
+
+    fn now(&self) -> Self::Instant {
+        std::time::Duration::from_millis(self.0.load(std::sync::atomic::Ordering::Relaxed)).into()
+    }
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        let rate = u32::try_from(WRITES_PER_SECOND_PER_USER).ok().and_then(std::num::NonZeroU32::new);
+        let burst = u32::try_from(WRITE_BURST_PER_USER).ok().and_then(std::num::NonZeroU32::new);
+        let quota = governor::Quota::per_second(rate.unwrap_or(std::num::NonZeroU32::MIN))
+            .allow_burst(burst.unwrap_or(std::num::NonZeroU32::MIN));
+        let clock = CallerClock::default();
+        let limiter = governor::RateLimiter::new(quota, Default::default(), clock.clone());
+        Self { limiter, clock }
+    }
 }
 
 impl RateLimiter {
     /// Take one write from `user`'s bucket at `now_ms`, or say how long to wait.
     pub fn take(&self, user: &palaver_ids::UserName, now_ms: u64) -> Result<(), ApiError> {
-        const FULL: u64 = WRITE_BURST_PER_USER * 1_000;
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= RATE_LIMITED_USERS_MAX && !buckets.contains_key(user) {
+        use governor::clock::Clock as _;
+        self.clock.advance_to(now_ms);
+        if self.limiter.len() >= RATE_LIMITED_USERS_MAX {
             // Forget users whose bucket has refilled: they are idle.
-            buckets.retain(|_, b| {
-                b.milli_tokens + now_ms.saturating_sub(b.at_ms).saturating_mul(WRITES_PER_SECOND_PER_USER) < FULL
-            });
+            self.limiter.retain_recent();
         }
-        let bucket = buckets.entry(user.clone()).or_insert(Bucket { milli_tokens: FULL, at_ms: now_ms });
-        let refill = now_ms.saturating_sub(bucket.at_ms).saturating_mul(WRITES_PER_SECOND_PER_USER);
-        bucket.milli_tokens = bucket.milli_tokens.saturating_add(refill).min(FULL);
-        bucket.at_ms = bucket.at_ms.max(now_ms);
-        if bucket.milli_tokens >= 1_000 {
-            bucket.milli_tokens -= 1_000;
-            return Ok(());
+        self.limiter.check_key(user).map_err(|not_until| {
+            let wait = not_until.wait_time_from(self.clock.now());
+            ApiError::RateLimited { retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1) }
+        })
+    }
+}
+
+/// Connections open per client address on one surface, bounded: each connection takes an
+/// [`AddressSlot`], which gives its place back when dropped.
+#[derive(Debug, Clone)]
+pub struct PerAddress {
+    limit: usize,
+    counts: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl PerAddress {
+    /// At most `limit` connections per address.
+    pub fn new(limit: usize) -> Self {
+        Self { limit, counts: Default::default() }
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Take a connection slot for `ip`, or refuse past the limit (`limit_reached`).
+    pub fn take(&self, ip: std::net::IpAddr) -> Result<AddressSlot, ApiError> {
+        let mut counts = crate::lock(&self.counts);
+        let n = counts.entry(ip).or_default();
+        if *n >= self.limit {
+            if *n == 0 {
+                counts.remove(&ip);
+            }
+            return Err(ApiError::LimitReached { what: "connections from one address".into(), limit: self.limit });
         }
-        let missing = 1_000 - bucket.milli_tokens;
-        Err(ApiError::RateLimited { retry_after_ms: missing.div_ceil(WRITES_PER_SECOND_PER_USER).max(1) })
+        *n += 1;
+        Ok(AddressSlot { counts: self.counts.clone(), ip })
+    }
+}
+
+/// Counts one connection of an address while it lives.
+#[derive(Debug)]
+pub struct AddressSlot {
+    counts: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = crate::lock(&self.counts);
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -161,6 +236,18 @@ mod tests {
         assert_eq!(retry_after_ms, 1_000 / WRITES_PER_SECOND_PER_USER);
         limiter.take(&ada, 1_000 + retry_after_ms).expect("one token refilled");
         limiter.take(&palaver_ids::UserName("bob".into()), 1_000).expect("buckets are per user");
+    }
+
+    #[test]
+    fn connections_per_address_are_counted_and_given_back() {
+        let limit = PerAddress::new(2);
+        let (a, b) = ("10.0.0.1".parse().expect("ip"), "10.0.0.2".parse().expect("ip"));
+        let first = limit.take(a).expect("first");
+        let _second = limit.take(a).expect("second");
+        assert!(matches!(limit.take(a), Err(ApiError::LimitReached { limit: 2, .. })));
+        let _other = limit.take(b).expect("another address has its own count");
+        drop(first);
+        let _again = limit.take(a).expect("a closed connection gives its place back");
     }
 
     #[test]

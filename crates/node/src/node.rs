@@ -59,6 +59,9 @@ pub struct NodeConfig {
     pub p2p_listen: Option<String>,
     /// The HTTP surface (web page, WebSocket, HTTP API, metrics); `None` serves none.
     pub http: Option<crate::http::HttpOptions>,
+    /// Most gRPC connections open at once from one client address
+    /// ([`crate::connections::GRPC_CONNECTIONS_PER_ADDRESS_DEFAULT`]).
+    pub grpc_connections_per_address: usize,
 }
 
 /// Errors that stop a node from starting.
@@ -349,7 +352,8 @@ impl Node {
             subscriptions: Mutex::new(BTreeMap::new()),
         });
         let (stop, stopped) = watch::channel(false);
-        let mut tasks = vec![tokio::spawn(crate::grpc::serve(inner.clone(), listener, stopped.clone()))];
+        let per_address = crate::limits::PerAddress::new(config.grpc_connections_per_address);
+        let mut tasks = vec![tokio::spawn(crate::grpc::serve(inner.clone(), listener, per_address, stopped.clone()))];
         if let Some((listener, options, addr)) = http {
             tracing::info!(node = %inner.id, %addr, "HTTP surface listening");
             tasks.push(tokio::spawn(crate::http::serve(inner.clone(), listener, options, stopped.clone())));

@@ -44,6 +44,10 @@ pub struct NodeArgs {
     /// Most WebSocket connections open at once from one IP address.
     #[arg(long, default_value_t = palaver_node::http::CONNECTIONS_PER_ADDRESS_DEFAULT)]
     ws_connections_per_address: usize,
+    /// Most gRPC connections open at once from one IP address (past that, calls get
+    /// `limit_reached`).
+    #[arg(long, default_value_t = palaver_node::connections::GRPC_CONNECTIONS_PER_ADDRESS_DEFAULT)]
+    grpc_connections_per_address: usize,
     /// Snapshot a shard (and purge its log) after this many entries.
     #[arg(long, default_value_t = palaver_shard::replica::SNAPSHOT_LOGS_SINCE_LAST_DEFAULT)]
     snapshot_logs: u64,
@@ -87,6 +91,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             allowed_origins: args.allow_origins,
             connections_per_address: args.ws_connections_per_address,
         }),
+        grpc_connections_per_address: args.grpc_connections_per_address,
     };
     let node = Node::start(config, NodeEnv::default(), engine, listener).await?;
     println!("node {} serving on {}", node.id(), node.local_addr());

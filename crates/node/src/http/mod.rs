@@ -8,9 +8,8 @@ pub mod api;
 pub mod json;
 pub mod ws;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
@@ -21,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::error::ApiError;
+pub use crate::limits::{AddressSlot, PerAddress};
 use crate::node::NodeInner;
 use crate::ops::Ops;
 
@@ -63,40 +63,14 @@ pub struct Gateway {
     node: Arc<NodeInner>,
     ops: Ops,
     options: Arc<HttpOptions>,
-    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_address: PerAddress,
     stopped: watch::Receiver<bool>,
-}
-
-/// Counts one connection of an address while it lives.
-#[derive(Debug)]
-pub struct AddressSlot {
-    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut map = crate::lock(&self.per_address);
-        if let Some(n) = map.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                map.remove(&self.ip);
-            }
-        }
-    }
 }
 
 impl Gateway {
     /// Take a connection slot for `ip`, or refuse past the limit.
     fn address_slot(&self, ip: IpAddr) -> Result<AddressSlot, ApiError> {
-        let limit = self.options.connections_per_address;
-        let mut map = crate::lock(&self.per_address);
-        let n = map.entry(ip).or_default();
-        if *n >= limit {
-            return Err(ApiError::LimitReached { what: "connections from one address".into(), limit });
-        }
-        *n += 1;
-        Ok(AddressSlot { per_address: self.per_address.clone(), ip })
+        self.per_address.take(ip)
     }
 
     /// Whether a page from `origin` may open a WebSocket on this node, reached as `host`: the
@@ -236,8 +210,8 @@ pub async fn serve(node: Arc<NodeInner>, listener: TcpListener, options: HttpOpt
     let gateway = Gateway {
         ops: Ops::new(node.clone()),
         node,
+        per_address: PerAddress::new(options.connections_per_address),
         options: Arc::new(options),
-        per_address: Arc::new(Mutex::new(HashMap::new())),
         stopped: stopped.clone(),
     };
     let app = router(gateway).into_make_service_with_connect_info::<SocketAddr>();

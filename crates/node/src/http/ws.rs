@@ -3,7 +3,7 @@
 //!
 //! One session per connection: a reader loop that parses frames and runs them, a writer task
 //! that owns the socket's sending half, and one task per subscription, which writes its events
-//! straight into the connection's queue ([`SubscriptionSink`]). Frames that
+//! straight into the connection's queue (`SubscriptionSink`). Frames that
 //! change the session (register, login, authenticate, subscribe, unsubscribe) run in order in
 //! the reader loop; everything else runs concurrently (at most [`WS_IN_FLIGHT_MAX`] at once,
 //! then the loop stops reading) and is answered by id. Limits: [`super::REQUEST_BYTES_MAX`]

@@ -33,6 +33,7 @@ async fn an_expired_token_is_refused_and_a_fresh_login_works() {
         replica: ReplicaOptions::default(),
         p2p_listen: None,
         http: None,
+        grpc_connections_per_address: palaver_node::connections::GRPC_CONNECTIONS_PER_ADDRESS_DEFAULT,
     };
     let node = Node::start(config, env, Arc::new(MemEngine::new()), listener).await.expect("start");
     let mut client = ChatServiceClient::connect(format!("http://{addr}")).await.expect("connect");

@@ -2,6 +2,7 @@
 
 mod browser;
 mod chat_client;
+mod grpc_limits;
 mod harness;
 mod http_api;
 mod in_process;

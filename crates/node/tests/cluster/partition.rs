@@ -140,6 +140,7 @@ impl InProcessCluster {
                 replica: ReplicaOptions::default(),
                 p2p_listen: None,
                 http: None,
+                grpc_connections_per_address: palaver_node::connections::GRPC_CONNECTIONS_PER_ADDRESS_DEFAULT,
             };
             nodes.push(Node::start(config, env, Arc::new(MemEngine::new()), listener).await.expect("start"));
         }
