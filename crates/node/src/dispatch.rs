@@ -272,6 +272,42 @@ pub fn pipeline_op_name(op: &pb::pipeline_request::Op) -> &'static str {
     }
 }
 
+/// Every `ChatService` operation: its gRPC method and its label — the WebSocket `op`, the
+/// `Pipeline` operation's name and the metrics label. The one list the surfaces name
+/// operations from.
+pub const OPERATIONS: [(&str, &str); 24] = [
+    ("Register", "register"),
+    ("Login", "login"),
+    ("CreateRoom", "create_room"),
+    ("GetRoom", "get_room"),
+    ("ListRooms", "list_rooms"),
+    ("DeleteRoom", "delete_room"),
+    ("UpdateRoom", "update_room"),
+    ("Join", "join"),
+    ("Invite", "invite"),
+    ("Leave", "leave"),
+    ("Kick", "kick"),
+    ("Ban", "ban"),
+    ("Unban", "unban"),
+    ("SetRole", "set_role"),
+    ("Post", "post"),
+    ("Edit", "edit"),
+    ("Redact", "redact"),
+    ("React", "react"),
+    ("History", "history"),
+    ("Subscribe", "subscribe"),
+    ("SetPresence", "set_presence"),
+    ("Typing", "typing"),
+    ("MarkRead", "mark_read"),
+    ("Pipeline", "pipeline"),
+];
+
+/// The label of an operation named `label` by a client, if there is one (so that clients
+/// cannot grow a metrics label set).
+pub fn known_op(label: &str) -> Option<&'static str> {
+    OPERATIONS.iter().find(|(_, known)| *known == label).map(|(_, known)| *known)
+}
+
 /// Run one request of a `Pipeline` stream.
 pub async fn pipeline(
     ops: &Ops,
@@ -310,5 +346,38 @@ pub fn pipeline_error(error: &ApiError) -> pb::PipelineError {
             ApiError::RateLimited { retry_after_ms } => *retry_after_ms,
             _ => 0,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_pipeline_operation_is_a_known_operation() {
+        use pb::pipeline_request::Op;
+        let ops = [
+            Op::Join(Default::default()),
+            Op::Leave(Default::default()),
+            Op::Invite(Default::default()),
+            Op::Kick(Default::default()),
+            Op::Ban(Default::default()),
+            Op::Unban(Default::default()),
+            Op::SetRole(Default::default()),
+            Op::Post(Default::default()),
+            Op::Edit(Default::default()),
+            Op::Redact(Default::default()),
+            Op::React(Default::default()),
+            Op::Typing(Default::default()),
+            Op::MarkRead(Default::default()),
+            Op::SetPresence(Default::default()),
+        ];
+        for op in &ops {
+            let name = pipeline_op_name(op);
+            assert_eq!(known_op(name), Some(name), "{name} is not in OPERATIONS");
+        }
+        assert_eq!(known_op("drop_tables"), None);
+        let labels: std::collections::BTreeSet<_> = OPERATIONS.iter().map(|(_, label)| *label).collect();
+        assert_eq!(labels.len(), OPERATIONS.len(), "labels are unique");
     }
 }

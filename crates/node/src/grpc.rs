@@ -124,34 +124,8 @@ struct Counted<S> {
 /// The `ChatService` method a request path names, as a metrics label (snake case); `None` for
 /// other services.
 fn chat_method(path: &str) -> Option<&'static str> {
-    const METHODS: [(&str, &str); 24] = [
-        ("Register", "register"),
-        ("Login", "login"),
-        ("CreateRoom", "create_room"),
-        ("GetRoom", "get_room"),
-        ("ListRooms", "list_rooms"),
-        ("DeleteRoom", "delete_room"),
-        ("UpdateRoom", "update_room"),
-        ("Join", "join"),
-        ("Invite", "invite"),
-        ("Leave", "leave"),
-        ("Kick", "kick"),
-        ("Ban", "ban"),
-        ("Unban", "unban"),
-        ("SetRole", "set_role"),
-        ("Post", "post"),
-        ("Edit", "edit"),
-        ("Redact", "redact"),
-        ("React", "react"),
-        ("History", "history"),
-        ("Subscribe", "subscribe"),
-        ("SetPresence", "set_presence"),
-        ("Typing", "typing"),
-        ("MarkRead", "mark_read"),
-        ("Pipeline", "pipeline"),
-    ];
     let method = path.strip_prefix("/palaver.v1.ChatService/")?;
-    METHODS.iter().find(|(name, _)| *name == method).map(|(_, label)| *label)
+    dispatch::OPERATIONS.iter().find(|(name, _)| *name == method).map(|(_, label)| *label)
 }
 
 impl<S, B, R> tower::Service<tonic::codegen::http::Request<B>> for Counted<S>

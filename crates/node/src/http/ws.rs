@@ -595,30 +595,8 @@ fn answer_frame(id: u64, result: Result<Value, ApiError>) -> Message {
 }
 
 /// The op name as a metrics label: known names only, so that clients cannot grow the label set.
-fn known_op(op: &str) -> &str {
-    const OPS: [&str; 20] = [
-        "create_room",
-        "get_room",
-        "list_rooms",
-        "update_room",
-        "delete_room",
-        "join",
-        "leave",
-        "invite",
-        "kick",
-        "ban",
-        "unban",
-        "set_role",
-        "post",
-        "edit",
-        "redact",
-        "react",
-        "history",
-        "set_presence",
-        "typing",
-        "mark_read",
-    ];
-    if OPS.contains(&op) { op } else { "unknown" }
+fn known_op(op: &str) -> &'static str {
+    dispatch::known_op(op).unwrap_or("unknown")
 }
 
 /// Run one stateless operation for `user`.
