@@ -95,6 +95,13 @@ async fn a_subscriber_resumes_on_another_node_and_gets_each_missed_event_once() 
     for i in 0..5 {
         before.push(post(&mut second, &ada, "resume", &format!("old-{i}"), AckLevel::Quorum).await.expect("post"));
     }
+    // A quorum ack means two replicas hold a post: wait until the first node's does too, since
+    // a subscription's catch-up sends what its node holds.
+    wait_for("the first node to hold the posts", || {
+        let (mut first, ada) = (first.clone(), ada.clone());
+        async move { (history(&mut first, &ada, "resume").await.ok()?.len() == 5).then_some(()) }
+    })
+    .await;
     let mut dots = BTreeSet::new();
     let mut version_vector = BTreeMap::new();
     let request = SubscribeRequest { room: "resume".into(), version_vector: None };
