@@ -152,15 +152,35 @@ impl TestCluster {
     /// Wait until the cluster has `n` nodes and each shard a leader and min(3, n) voters, the
     /// ones placement names.
     pub async fn wait_replicated(&self, n: usize) {
-        wait_for("every shard led and replicated", || async {
-            let status = self.status().await?;
-            // Voters as placement wants them: no replica move still under way.
-            let placed = palaver_node::cluster::shard_placed;
-            let ready = status.nodes.len() == n
-                && status.shards.iter().all(|s| s.leader != 0 && s.voters.len() == n.min(3) && placed(s));
-            ready.then_some(())
-        })
-        .await;
+        let deadline = tokio::time::Instant::now() + WAIT_DEADLINE;
+        let mut last = String::from("no node answered");
+        loop {
+            if let Some(status) = self.status().await {
+                // Voters as placement wants them: no replica move still under way.
+                let placed = palaver_node::cluster::shard_placed;
+                let waiting: Vec<String> = status
+                    .shards
+                    .iter()
+                    .filter(|s| !(s.leader != 0 && s.voters.len() == n.min(3) && placed(s)))
+                    .map(|s| {
+                        format!(
+                            "shard {} leader {} term {} voters {:?} learners {:?} placement {:?}",
+                            s.shard, s.leader, s.term, s.voters, s.learners, s.placement
+                        )
+                    })
+                    .collect();
+                if status.nodes.len() == n && waiting.is_empty() {
+                    return;
+                }
+                last = format!("{} nodes; not yet placed: {}", status.nodes.len(), waiting.join("; "));
+            }
+            // The shards still moving, so that a stall says where it is.
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for every shard led and replicated: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The status as any live node reports it.
