@@ -118,7 +118,11 @@ pub fn shard_placed(shard: &palaver_proto::v1::ShardStatus) -> bool {
     voters == placement
 }
 
-/// Refresh the view: from the local meta replica if there is one, else from peers.
+/// Refresh the view: from the local meta replica if there is one, and from a peer. The local
+/// replica alone is not enough: one that the meta group moved away from stays on the node,
+/// frozen, and a view taken only from it never learns of nodes that joined later (it then
+/// computes every placement without them, and the shards it leads never move to them). The
+/// view keeps whichever is newest.
 pub async fn refresh_view(node: &Arc<NodeInner>) {
     if let Some(replica) = node.replicas.get(ShardId::META) {
         let (info, index) = {
@@ -127,7 +131,6 @@ pub async fn refresh_view(node: &Arc<NodeInner>) {
         };
         if let Some(info) = info {
             node.view_mut().offer(info, index);
-            return;
         }
     }
     let addrs: Vec<String> = node.view().nodes().into_iter().filter(|(id, _)| *id != node.id).map(|(_, a)| a).collect();
