@@ -112,6 +112,13 @@ impl ClientConnection {
     }
 }
 
+impl ClientConnection {
+    /// Whether the connection is past its address's limit (every call on it is refused).
+    pub fn is_refused(&self) -> bool {
+        self.info.refused.is_some()
+    }
+}
+
 impl tonic::transport::server::Connected for ClientConnection {
     type ConnectInfo = ConnectionInfo;
 

@@ -71,7 +71,7 @@ pub async fn serve(
                     tracing::warn!(error = %e, "could not set TCP_NODELAY");
                 }
                 let connection = ClientConnection::accept(s, &per_address);
-                if connection_refused(&connection) {
+                if connection.is_refused() {
                     metrics.connection_refused(crate::metrics::Surface::Grpc);
                 }
                 connection
@@ -91,11 +91,6 @@ pub async fn serve(
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }
-}
-
-fn connection_refused(connection: &ClientConnection) -> bool {
-    use tonic::transport::server::Connected as _;
-    connection.connect_info().refused.is_some()
 }
 
 /// Counts `ChatService` calls in the node's metrics: by method and by the `palaver-error` code

@@ -171,6 +171,13 @@ struct Queue {
     gone: bool,
 }
 
+impl Queue {
+    /// Whether nothing more may be queued.
+    fn closed(&self) -> bool {
+        self.gone || self.finished || self.closing.is_some()
+    }
+}
+
 /// Why a frame was not queued.
 #[derive(Debug, PartialEq, Eq)]
 enum NotSent {
@@ -227,7 +234,7 @@ impl Outbox {
     /// Queue `message` if there is room: `Err` gives it back when there is none.
     fn try_push(&self, message: Message, size: usize) -> Result<Result<(), NotSent>, Message> {
         let mut queue = self.state();
-        if queue.gone || queue.finished || queue.closing.is_some() {
+        if queue.closed() {
             return Ok(Err(NotSent::Gone));
         }
         // One frame always fits, however large: the bound is on what waits.
@@ -273,8 +280,7 @@ impl Outbox {
     }
 
     fn is_gone(&self) -> bool {
-        let queue = self.state();
-        queue.gone || queue.finished || queue.closing.is_some()
+        self.state().closed()
     }
 
     /// The session ended: the writer sends what is queued and closes.

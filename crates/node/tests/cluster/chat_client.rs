@@ -8,9 +8,11 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::{AckLevel, CreateRoomRequest, HistoryRequest, ListRoomsRequest, Message};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tonic::transport::Channel;
 
 use crate::harness::{TestCluster, WAIT_DEADLINE, authed, post, user, wait_for};
 
@@ -134,9 +136,8 @@ async fn plain_clients_on_two_nodes_see_each_others_posts_once_in_order() {
     assert!(stderr.contains("login as olga failed: unauthenticated"), "{stderr}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plain_client_resubscribes_after_its_node_restarts_and_misses_nothing() {
-    let mut cluster = TestCluster::start(3, 2, &[]).await;
+/// Room "relay" owned by ada, and user bob: ada's client (on node 1) and token.
+async fn relay_with_bob(cluster: &TestCluster) -> (ChatServiceClient<Channel>, String) {
     let mut admin = cluster.chat(0);
     let ada = user(&mut admin, "ada").await;
     admin
@@ -144,6 +145,13 @@ async fn a_plain_client_resubscribes_after_its_node_restarts_and_misses_nothing(
         .await
         .expect("create relay");
     user(&mut cluster.chat(0), "bob").await;
+    (admin, ada)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_client_resubscribes_after_its_node_restarts_and_misses_nothing() {
+    let mut cluster = TestCluster::start(3, 2, &[]).await;
+    let (mut admin, ada) = relay_with_bob(&cluster).await;
     let mut bob = PlainClient::spawn(&cluster.nodes[2].addr, "bob", "relay", &[]);
     post(&mut admin, &ada, "relay", "before", AckLevel::Quorum).await.expect("post");
     bob.read_until("the first post", |printed| printed.iter().any(|l| l == "relay ada: before")).await;
@@ -163,13 +171,7 @@ async fn a_plain_client_resubscribes_after_its_node_restarts_and_misses_nothing(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_client_given_two_nodes_moves_to_the_other_when_its_node_dies() {
     let mut cluster = TestCluster::start(3, 2, &[]).await;
-    let mut admin = cluster.chat(0);
-    let ada = user(&mut admin, "ada").await;
-    admin
-        .create_room(authed(CreateRoomRequest { room: "relay".into(), ..Default::default() }, &ada))
-        .await
-        .expect("create relay");
-    user(&mut cluster.chat(0), "bob").await;
+    let (mut admin, ada) = relay_with_bob(&cluster).await;
     let addrs = format!("{},{}", cluster.nodes[2].addr, cluster.nodes[1].addr);
     let mut bob = PlainClient::spawn(&addrs, "bob", "relay", &[]);
     post(&mut admin, &ada, "relay", "before", AckLevel::Quorum).await.expect("post");
