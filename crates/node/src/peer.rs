@@ -281,12 +281,21 @@ fn deliver(waiting: &Mutex<Waiting>, answers: Vec<LinkAnswer>, addr: &str) {
 }
 
 /// The next batch from `queue`: waits for one item, then takes whatever else is already
-/// queued, up to `max`. `None` once every sender is gone.
+/// queued, up to `max`. When the queue runs dry, the task yields once and takes what the
+/// tasks that ran meanwhile queued: a wake-up of many shards (a group commit completing the
+/// appends of many groups) then leaves as one frame and one write system call instead of one
+/// per shard (64 clients' consensus writes: ~6,800 -> ~7,600/s, medians of 7 interleaved
+/// runs; two or four yields did worse than one). `None` once every sender is gone.
 pub(crate) async fn next_batch<T>(queue: &mut mpsc::Receiver<T>, max: usize) -> Option<Vec<T>> {
     let mut batch = vec![queue.recv().await?];
+    let mut yielded = false;
     while batch.len() < max {
         match queue.try_recv() {
             Ok(next) => batch.push(next),
+            Err(_) if !yielded => {
+                yielded = true;
+                tokio::task::yield_now().await;
+            }
             Err(_) => break,
         }
     }

@@ -121,6 +121,15 @@ impl Cluster {
             .collect::<Result<_, _>>()?)
     }
 
+    /// CPU time the nodes the bench started have used so far (user and system, every thread),
+    /// in seconds; `None` with `--addr` or when `/proc` cannot tell.
+    fn nodes_cpu_seconds(&self) -> Option<f64> {
+        if self.processes.is_empty() {
+            return None;
+        }
+        self.processes.iter().map(|p| cpu_seconds(&p.child.id()?.to_string())).sum()
+    }
+
     async fn stop(mut self) {
         up::stop_all(&mut self.processes).await;
     }
@@ -137,6 +146,25 @@ async fn login(client: &mut ChatServiceClient<Channel>, user: &str) -> anyhow::R
     let password = "bench-password".to_string();
     let _ = client.register(RegisterRequest { user: user.into(), password: password.clone() }).await;
     Ok(client.login(LoginRequest { user: user.into(), password }).await?.into_inner().token)
+}
+
+/// CPU time process `pid` (or `self`) has used, user and system, every thread, in seconds.
+fn cpu_seconds(pid: &str) -> Option<f64> {
+    /// The unit of `/proc/*/stat` times (`USER_HZ`): 100 on every Linux ABI.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces, inside parentheses): state is
+    // the first, utime the 12th, stime the 13th.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some((user + system) as f64 / TICKS_PER_SECOND)
+}
+
+/// CPU seconds used between two readings, per unit of work, in microseconds.
+fn cpu_us_per(before: Option<f64>, after: Option<f64>, work: usize) -> Option<f64> {
+    let used = after? - before?;
+    (work > 0).then(|| used * 1e6 / work as f64)
 }
 
 /// The `p` quantile (0..=1) of sorted durations, in milliseconds.

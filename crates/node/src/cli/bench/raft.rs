@@ -14,7 +14,7 @@ use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::{CreateRoomRequest, RoomRequest, StatusRequest, pipeline_reply, pipeline_request};
 use tonic::transport::Channel;
 
-use super::{Cluster, ClusterArgs, Pipeline, authed, login, quantile_ms};
+use super::{Cluster, ClusterArgs, Pipeline, authed, cpu_seconds, cpu_us_per, login, quantile_ms};
 
 #[derive(Debug, Args)]
 pub struct RaftBenchArgs {
@@ -58,7 +58,10 @@ pub async fn run(args: RaftBenchArgs) -> anyhow::Result<()> {
     }
     // Which node (index into `channels`) leads each room's shard, for --to-leader.
     let leader_of_room: Vec<usize> = if args.to_leader { leaders_of(&addrs, &rooms).await? } else { Vec::new() };
-    println!("{:>8} {:>12} {:>10} {:>10} {:>10}", "clients", "commits/s", "p50 ms", "p99 ms", "errors");
+    println!(
+        "{:>8} {:>12} {:>10} {:>10} {:>10} {:>14} {:>14}",
+        "clients", "commits/s", "p50 ms", "p99 ms", "errors", "node cpu µs/c", "bench cpu µs/c"
+    );
     for &clients in &args.clients {
         // Log every client in first (argon2 is slow on purpose), then start the clock.
         let mut clients_ready = Vec::with_capacity(clients);
@@ -76,6 +79,7 @@ pub async fn run(args: RaftBenchArgs) -> anyhow::Result<()> {
             clients_ready.push((c, writers));
         }
         let mut tasks = Vec::new();
+        let cpu_before = (cluster.nodes_cpu_seconds(), cpu_seconds("self"));
         let started = Instant::now();
         let deadline = started + Duration::from_secs(args.seconds);
         for (c, mut writers) in clients_ready {
@@ -113,13 +117,18 @@ pub async fn run(args: RaftBenchArgs) -> anyhow::Result<()> {
             }
         }
         let elapsed = started.elapsed().as_secs_f64();
+        let node_cpu = cpu_us_per(cpu_before.0, cluster.nodes_cpu_seconds(), latencies.len());
+        let bench_cpu = cpu_us_per(cpu_before.1, cpu_seconds("self"), latencies.len());
+        let shown = |us: Option<f64>| us.map_or("-".to_owned(), |us| format!("{us:.0}"));
         latencies.sort();
         println!(
-            "{clients:>8} {:>12.0} {:>10.2} {:>10.2} {:>10}",
+            "{clients:>8} {:>12.0} {:>10.2} {:>10.2} {:>10} {:>14} {:>14}",
             latencies.len() as f64 / elapsed,
             quantile_ms(&latencies, 0.50),
             quantile_ms(&latencies, 0.99),
-            errors.values().sum::<usize>()
+            errors.values().sum::<usize>(),
+            shown(node_cpu),
+            shown(bench_cpu),
         );
         for (error, count) in &errors {
             println!("         {count} x {error}");
