@@ -29,7 +29,7 @@ use palaver_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use super::{Cluster, ClusterArgs, Pipeline, authed, login, quantile_ms};
+use super::{Cluster, ClusterArgs, Pipeline, authed, cpu_seconds, cpu_us_per, login, quantile_ms};
 
 /// Most gRPC streams the bench opens on one connection (servers cap concurrent streams).
 pub const STREAMS_PER_CONNECTION_MAX: usize = 100;
@@ -386,8 +386,18 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
     }
 
     println!(
-        "{:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>7}",
-        "in-flight", "posts/s", "ack p50", "ack p99", "deliv/s", "deliv p50", "deliv p99", "missing", "errors"
+        "{:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>7} {:>14} {:>14}",
+        "in-flight",
+        "posts/s",
+        "ack p50",
+        "ack p99",
+        "deliv/s",
+        "deliv p50",
+        "deliv p99",
+        "missing",
+        "errors",
+        "node cpu µs/p",
+        "bench cpu µs/p"
     );
     let mut sequence = 0u32;
     for (run, &in_flight) in args.in_flight.iter().enumerate() {
@@ -400,6 +410,7 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         for (i, poster) in posters.drain(..).enumerate() {
             hands[i % in_flight].push(poster);
         }
+        let cpu_before = (cluster.nodes_cpu_seconds(), cpu_seconds("self"));
         let started = Instant::now();
         let stop_at = started + Duration::from_secs(args.seconds);
         let interval = args.rate.map(|rate| Duration::from_secs_f64(in_flight as f64 / rate.max(1) as f64));
@@ -488,8 +499,12 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         }
         latencies.sort();
         delivery_latencies.sort();
+        // Per acknowledged post, the deliveries to subscribers included.
+        let node_cpu = cpu_us_per(cpu_before.0, cluster.nodes_cpu_seconds(), latencies.len());
+        let bench_cpu = cpu_us_per(cpu_before.1, cpu_seconds("self"), latencies.len());
+        let shown = |us: Option<f64>| us.map_or("-".to_owned(), |us| format!("{us:.0}"));
         println!(
-            "{:>9} {:>9.0} {:>9.2} {:>9.2} {:>10.0} {:>10.2} {:>10.2} {:>8} {:>7}",
+            "{:>9} {:>9.0} {:>9.2} {:>9.2} {:>10.0} {:>10.2} {:>10.2} {:>8} {:>7} {:>14} {:>14}",
             in_flight,
             latencies.len() as f64 / elapsed,
             quantile_ms(&latencies, 0.50),
@@ -498,7 +513,9 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
             quantile_ms(&delivery_latencies, 0.50),
             quantile_ms(&delivery_latencies, 0.99),
             missing,
-            errors.values().sum::<usize>()
+            errors.values().sum::<usize>(),
+            shown(node_cpu),
+            shown(bench_cpu),
         );
         for (error, count) in &errors {
             println!("          {count} x {error}");
