@@ -161,10 +161,26 @@ fn cpu_seconds(pid: &str) -> Option<f64> {
     Some((user + system) as f64 / TICKS_PER_SECOND)
 }
 
-/// CPU seconds used between two readings, per unit of work, in microseconds.
-fn cpu_us_per(before: Option<f64>, after: Option<f64>, work: usize) -> Option<f64> {
-    let used = after? - before?;
-    (work > 0).then(|| used * 1e6 / work as f64)
+/// CPU time used from [`CpuMeter::start`] on, by the nodes the bench started and by the bench.
+struct CpuMeter {
+    nodes: Option<f64>,
+    bench: Option<f64>,
+}
+
+impl CpuMeter {
+    fn start(cluster: &Cluster) -> Self {
+        Self { nodes: cluster.nodes_cpu_seconds(), bench: cpu_seconds("self") }
+    }
+
+    /// Microseconds of CPU per unit of `work` since the start, the nodes' then the bench's,
+    /// as printed (`-` when unknown).
+    fn per(&self, cluster: &Cluster, work: usize) -> [String; 2] {
+        let per = |before: Option<f64>, after: Option<f64>| match (before, after) {
+            (Some(before), Some(after)) if work > 0 => format!("{:.0}", (after - before) * 1e6 / work as f64),
+            _ => "-".to_owned(),
+        };
+        [per(self.nodes, cluster.nodes_cpu_seconds()), per(self.bench, cpu_seconds("self"))]
+    }
 }
 
 /// The `p` quantile (0..=1) of sorted durations, in milliseconds.

@@ -29,7 +29,7 @@ use palaver_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use super::{Cluster, ClusterArgs, Pipeline, authed, cpu_seconds, cpu_us_per, login, quantile_ms};
+use super::{Cluster, ClusterArgs, CpuMeter, Pipeline, authed, login, quantile_ms};
 
 /// Most gRPC streams the bench opens on one connection (servers cap concurrent streams).
 pub const STREAMS_PER_CONNECTION_MAX: usize = 100;
@@ -410,7 +410,7 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         for (i, poster) in posters.drain(..).enumerate() {
             hands[i % in_flight].push(poster);
         }
-        let cpu_before = (cluster.nodes_cpu_seconds(), cpu_seconds("self"));
+        let cpu = CpuMeter::start(&cluster);
         let started = Instant::now();
         let stop_at = started + Duration::from_secs(args.seconds);
         let interval = args.rate.map(|rate| Duration::from_secs_f64(in_flight as f64 / rate.max(1) as f64));
@@ -500,9 +500,7 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         latencies.sort();
         delivery_latencies.sort();
         // Per acknowledged post, the deliveries to subscribers included.
-        let node_cpu = cpu_us_per(cpu_before.0, cluster.nodes_cpu_seconds(), latencies.len());
-        let bench_cpu = cpu_us_per(cpu_before.1, cpu_seconds("self"), latencies.len());
-        let shown = |us: Option<f64>| us.map_or("-".to_owned(), |us| format!("{us:.0}"));
+        let [node_cpu, bench_cpu] = cpu.per(&cluster, latencies.len());
         println!(
             "{:>9} {:>9.0} {:>9.2} {:>9.2} {:>10.0} {:>10.2} {:>10.2} {:>8} {:>7} {:>14} {:>14}",
             in_flight,
@@ -514,8 +512,8 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
             quantile_ms(&delivery_latencies, 0.99),
             missing,
             errors.values().sum::<usize>(),
-            shown(node_cpu),
-            shown(bench_cpu),
+            node_cpu,
+            bench_cpu,
         );
         for (error, count) in &errors {
             println!("          {count} x {error}");

@@ -14,7 +14,7 @@ use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::{CreateRoomRequest, RoomRequest, StatusRequest, pipeline_reply, pipeline_request};
 use tonic::transport::Channel;
 
-use super::{Cluster, ClusterArgs, Pipeline, authed, cpu_seconds, cpu_us_per, login, quantile_ms};
+use super::{Cluster, ClusterArgs, CpuMeter, Pipeline, authed, login, quantile_ms};
 
 #[derive(Debug, Args)]
 pub struct RaftBenchArgs {
@@ -79,7 +79,7 @@ pub async fn run(args: RaftBenchArgs) -> anyhow::Result<()> {
             clients_ready.push((c, writers));
         }
         let mut tasks = Vec::new();
-        let cpu_before = (cluster.nodes_cpu_seconds(), cpu_seconds("self"));
+        let cpu = CpuMeter::start(&cluster);
         let started = Instant::now();
         let deadline = started + Duration::from_secs(args.seconds);
         for (c, mut writers) in clients_ready {
@@ -117,9 +117,7 @@ pub async fn run(args: RaftBenchArgs) -> anyhow::Result<()> {
             }
         }
         let elapsed = started.elapsed().as_secs_f64();
-        let node_cpu = cpu_us_per(cpu_before.0, cluster.nodes_cpu_seconds(), latencies.len());
-        let bench_cpu = cpu_us_per(cpu_before.1, cpu_seconds("self"), latencies.len());
-        let shown = |us: Option<f64>| us.map_or("-".to_owned(), |us| format!("{us:.0}"));
+        let [node_cpu, bench_cpu] = cpu.per(&cluster, latencies.len());
         latencies.sort();
         println!(
             "{clients:>8} {:>12.0} {:>10.2} {:>10.2} {:>10} {:>14} {:>14}",
@@ -127,8 +125,8 @@ pub async fn run(args: RaftBenchArgs) -> anyhow::Result<()> {
             quantile_ms(&latencies, 0.50),
             quantile_ms(&latencies, 0.99),
             errors.values().sum::<usize>(),
-            shown(node_cpu),
-            shown(bench_cpu),
+            node_cpu,
+            bench_cpu,
         );
         for (error, count) in &errors {
             println!("         {count} x {error}");
