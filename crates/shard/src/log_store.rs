@@ -37,6 +37,69 @@ pub const LOG_READ_ENTRIES_MAX: usize = usize::MAX;
 /// consensus writes from ~5,800/s to ~7,000/s (medians). A lone waiter is never delayed.
 pub const FSYNC_INTERVAL_MIN_US: u64 = 1_000;
 
+/// How many of a shard's newest log entries are kept in memory ([`TailCache`]). openraft reads
+/// back entries it has just appended (the leader to replicate them, every replica to apply
+/// them); 256 covers the entries in flight at 64 clients with room to spare.
+pub const LOG_TAIL_CACHED_MAX: usize = 256;
+
+/// The newest entries of one shard's log, as one contiguous run, so that openraft's read-backs
+/// of fresh entries skip the engine. It mirrors what was written: an append that does not
+/// continue the run restarts it, truncation and purging cut it, and a failed write clears it.
+/// A read is answered from it only when the whole range lies inside the run.
+#[derive(Debug, Default)]
+struct TailCache {
+    entries: std::collections::VecDeque<Entry>,
+}
+
+impl TailCache {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.index())
+    }
+
+    fn append(&mut self, entry: Entry) {
+        let continues = self.entries.back().is_none_or(|last| last.index().checked_add(1) == Some(entry.index()));
+        if !continues {
+            self.entries.clear();
+        }
+        self.entries.push_back(entry);
+        while self.entries.len() > LOG_TAIL_CACHED_MAX {
+            self.entries.pop_front();
+        }
+    }
+
+    /// Forgets every entry after `last` (all of them for `None`).
+    fn truncate_after(&mut self, last: Option<u64>) {
+        match (last, self.first_index()) {
+            (Some(last), Some(first)) if last >= first => {
+                let keep = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
+                self.entries.truncate(keep);
+            }
+            _ => self.entries.clear(),
+        }
+    }
+
+    /// Forgets every entry up to and including `upto`.
+    fn purge(&mut self, upto: u64) {
+        while self.first_index().is_some_and(|first| first <= upto) {
+            self.entries.pop_front();
+        }
+    }
+
+    /// Entries `start..end` (`end` exclusive; `None`: to the newest), if all of them are here
+    /// and there is at least one.
+    fn get(&self, start: u64, end: Option<u64>) -> Option<Vec<Entry>> {
+        let first = self.first_index()?;
+        let last = self.entries.back()?.index();
+        let end = end.unwrap_or(last.saturating_add(1));
+        if start < first || end <= start || end > last.saturating_add(1) {
+            return None;
+        }
+        let from = usize::try_from(start - first).ok()?;
+        let to = usize::try_from(end - first).ok()?;
+        Some(self.entries.range(from..to).cloned().collect())
+    }
+}
+
 /// The node-wide group-commit thread: fsyncs the engine once per batch of queued appends.
 ///
 /// Cloning shares the thread; it exits when the last clone is dropped.
@@ -146,12 +209,26 @@ pub struct ShardLogStore {
     group_commit: GroupCommit,
     /// Index of the committed log id last written (shared by clones).
     committed_saved: Arc<std::sync::atomic::AtomicU64>,
+    /// The newest entries, shared by clones (openraft reads through a clone).
+    tail: Arc<std::sync::Mutex<TailCache>>,
 }
 
 impl ShardLogStore {
     /// The log of `shard` in `engine`, made durable through `group_commit`.
     pub fn new(shard: ShardId, engine: Arc<dyn KvEngine>, group_commit: GroupCommit) -> Self {
-        Self { shard, engine, group_commit, committed_saved: Arc::new(std::sync::atomic::AtomicU64::new(0)) }
+        Self {
+            shard,
+            engine,
+            group_commit,
+            committed_saved: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            tail: Arc::default(),
+        }
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, TailCache> {
+        // The cache holds no invariant a panicking holder could break halfway that a reader
+        // would trust: every mutation is a whole push, pop, truncate or clear.
+        self.tail.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn read_state<T: serde::de::DeserializeOwned>(&self, tag: RaftStateTag) -> Result<Option<T>, StorageError> {
@@ -189,6 +266,14 @@ impl RaftLogReader<TypeConfig> for ShardLogStore {
             Bound::Excluded(i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
+        let end_exclusive = match range.end_bound() {
+            Bound::Included(i) => Some(i.saturating_add(1)),
+            Bound::Excluded(i) => Some(*i),
+            Bound::Unbounded => None,
+        };
+        if let Some(entries) = self.tail().get(start, end_exclusive) {
+            return Ok(entries);
+        }
         let end = match range.end_bound() {
             Bound::Included(i) => keys::log_key(self.shard, *i).to_vec().into_iter().chain([0]).collect(),
             Bound::Excluded(i) => keys::log_key(self.shard, *i).to_vec(),
@@ -266,10 +351,21 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::new();
+        let mut written = Vec::new();
         for entry in entries {
             batch.put(Cf::RaftLog, keys::log_key(self.shard, entry.index()).to_vec(), keys::encode(&entry)?);
+            written.push(entry);
         }
-        self.engine.write(batch)?;
+        if let Err(e) = self.engine.write(batch) {
+            self.tail().entries.clear();
+            return Err(e.into());
+        }
+        {
+            let mut tail = self.tail();
+            for entry in written {
+                tail.append(entry);
+            }
+        }
         self.group_commit.flush_then(callback);
         Ok(())
     }
@@ -278,6 +374,7 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
         let from = last_log_id.map_or(0, |id| id.index().saturating_add(1));
         let mut batch = WriteBatch::new();
         batch.delete_range(Cf::RaftLog, keys::log_key(self.shard, from).to_vec(), keys::log_end(self.shard));
+        self.tail().truncate_after(last_log_id.map(|id| id.index()));
         self.engine.write(batch)?;
         Ok(())
     }
@@ -291,7 +388,73 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
         );
         let upto = keys::log_key(self.shard, log_id.index().saturating_add(1)).to_vec();
         batch.delete_range(Cf::RaftLog, keys::log_key(self.shard, 0).to_vec(), upto);
+        self.tail().purge(log_id.index());
         self.engine.write(batch)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::vote::RaftLeaderIdExt;
+
+    fn entry(index: u64) -> Entry {
+        let leader = openraft::impls::leader_id_std::LeaderId::<u64, u64>::new_committed(1, 1);
+        Entry::new_blank(LogId::new(leader, index))
+    }
+
+    fn indexes(entries: Option<Vec<Entry>>) -> Option<Vec<u64>> {
+        entries.map(|es| es.iter().map(|e| e.index()).collect())
+    }
+
+    fn cache_of(range: std::ops::RangeInclusive<u64>) -> TailCache {
+        let mut cache = TailCache::default();
+        for i in range {
+            cache.append(entry(i));
+        }
+        cache
+    }
+
+    #[test]
+    fn tail_cache_answers_only_ranges_it_holds_whole() {
+        let cache = cache_of(5..=9);
+        assert_eq!(indexes(cache.get(5, Some(10))), Some(vec![5, 6, 7, 8, 9]));
+        assert_eq!(indexes(cache.get(7, None)), Some(vec![7, 8, 9]));
+        assert_eq!(indexes(cache.get(6, Some(8))), Some(vec![6, 7]));
+        assert_eq!(indexes(cache.get(4, Some(8))), None, "starts before the run");
+        assert_eq!(indexes(cache.get(8, Some(11))), None, "ends after the run");
+        assert_eq!(indexes(cache.get(8, Some(8))), None, "empty range");
+        assert_eq!(indexes(TailCache::default().get(0, None)), None);
+    }
+
+    #[test]
+    fn tail_cache_restarts_on_a_gap_and_keeps_the_newest() {
+        let mut cache = cache_of(1..=3);
+        cache.append(entry(7));
+        assert_eq!(indexes(cache.get(7, None)), Some(vec![7]));
+        assert_eq!(indexes(cache.get(3, None)), None);
+
+        let total = u64::try_from(LOG_TAIL_CACHED_MAX).unwrap_or(u64::MAX) + 10;
+        let cache = cache_of(1..=total);
+        assert_eq!(cache.entries.len(), LOG_TAIL_CACHED_MAX);
+        assert_eq!(cache.first_index(), Some(11));
+    }
+
+    #[test]
+    fn tail_cache_follows_truncation_and_purge() {
+        let mut cache = cache_of(5..=9);
+        cache.truncate_after(Some(7));
+        assert_eq!(indexes(cache.get(5, None)), Some(vec![5, 6, 7]));
+        cache.append(entry(8));
+        assert_eq!(indexes(cache.get(5, None)), Some(vec![5, 6, 7, 8]));
+        cache.purge(6);
+        assert_eq!(indexes(cache.get(7, None)), Some(vec![7, 8]));
+        assert_eq!(indexes(cache.get(6, None)), None);
+        cache.truncate_after(Some(3));
+        assert_eq!(cache.entries.len(), 0);
+        let mut cache = cache_of(5..=9);
+        cache.truncate_after(None);
+        assert_eq!(cache.entries.len(), 0);
     }
 }
