@@ -269,11 +269,18 @@ pub fn publish(node: &NodeInner) {
     }
 }
 
-/// The shard's record as `replica` knows it now: its voters, the leader it knows, and its
-/// epoch (current term, membership log index). A follower's view, not only a leader's.
-pub fn known_shard_record(node: &NodeInner, replica: &palaver_shard::Replica) -> ShardRecord {
+/// The shard's record as `replica` knows it now (its voters, the leader it knows, and its
+/// epoch: current term, membership log index; a follower's view, not only a leader's), if that
+/// epoch is newer than `than`. Answers every forwarded call, so the record is built only when
+/// it will be sent.
+pub fn newer_shard_record(
+    node: &NodeInner,
+    replica: &palaver_shard::Replica,
+    than: ShardEpoch,
+) -> Option<ShardRecord> {
     let metrics = replica.raft.metrics();
-    shard_record(node, replica.shard, &metrics.borrow_watched())
+    let metrics = metrics.borrow_watched();
+    (epoch_of(&metrics) > than).then(|| shard_record(node, replica.shard, &metrics))
 }
 
 /// The directory record of `replica`'s shard, if this node leads it.
@@ -284,6 +291,11 @@ fn led_shard_record(node: &NodeInner, replica: &palaver_shard::Replica) -> Optio
     let metrics = metrics.borrow_watched();
     let leads = metrics.current_leader == Some(node.id.0) && metrics.state == openraft::ServerState::Leader;
     leads.then(|| shard_record(node, replica.shard, &metrics))
+}
+
+fn epoch_of(metrics: &openraft::RaftMetrics<palaver_shard::types::TypeConfig>) -> ShardEpoch {
+    let config_index = metrics.membership_config.log_id().as_ref().map_or(0, |id| id.index);
+    ShardEpoch { term: metrics.current_term, config_index }
 }
 
 fn shard_record(
@@ -297,10 +309,7 @@ fn shard_record(
         shard,
         replicas: membership.membership().voter_ids().map(NodeId).collect(),
         leader: metrics.current_leader.map(NodeId),
-        epoch: ShardEpoch {
-            term: metrics.current_term,
-            config_index: membership.log_id().as_ref().map_or(0, |id| id.index),
-        },
+        epoch: epoch_of(metrics),
     }
 }
 

@@ -217,8 +217,7 @@ pub async fn answer(ops: &Ops, frame: &[u8]) -> Result<Vec<u8>, ApiError> {
         Some(replica) => {
             let caller_epoch = call.epoch;
             let result = run(ops, &replica, call).await.map_err(Declined::Api);
-            let hint = Some(crate::directory::known_shard_record(ops.node(), &replica))
-                .filter(|record| record.epoch > caller_epoch);
+            let hint = crate::directory::newer_shard_record(ops.node(), &replica, caller_epoch);
             ClientReply { result, hint }
         }
     };

@@ -173,12 +173,18 @@ fn tagged(shard: ShardId, tag: u8) -> [u8; 5] {
 }
 
 /// Frame a value for storage: version byte, then postcard.
+///
+/// One buffer, written in place: every Raft entry, replication message and stored event goes
+/// through here, so it does not serialize into a second buffer to copy behind the version byte.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
-    let mut out = vec![VALUE_VERSION];
-    let body = postcard::to_allocvec(value).map_err(|e| StorageError::corrupt(format!("encode: {e}")))?;
-    out.extend_from_slice(&body);
-    Ok(out)
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY_HINT);
+    out.push(VALUE_VERSION);
+    postcard::to_io(value, out).map_err(|e| StorageError::corrupt(format!("encode: {e}")))
 }
+
+/// First capacity of an [`encode`] buffer: enough for most log entries and events, so that a
+/// typical value grows it once at most.
+const ENCODE_CAPACITY_HINT: usize = 128;
 
 /// Read a value framed by [`encode`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StorageError> {
