@@ -273,11 +273,7 @@ pub fn publish(node: &NodeInner) {
 /// epoch: current term, membership log index; a follower's view, not only a leader's), if that
 /// epoch is newer than `than`. Answers every forwarded call, so the record is built only when
 /// it will be sent.
-pub fn newer_shard_record(
-    node: &NodeInner,
-    replica: &palaver_shard::Replica,
-    than: ShardEpoch,
-) -> Option<ShardRecord> {
+pub fn newer_shard_record(node: &NodeInner, replica: &palaver_shard::Replica, than: ShardEpoch) -> Option<ShardRecord> {
     let metrics = replica.raft.metrics();
     let metrics = metrics.borrow_watched();
     (epoch_of(&metrics) > than).then(|| shard_record(node, replica.shard, &metrics))
