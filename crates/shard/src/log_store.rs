@@ -37,7 +37,7 @@ pub const LOG_READ_ENTRIES_MAX: usize = usize::MAX;
 /// consensus writes from ~5,800/s to ~7,000/s (medians). A lone waiter is never delayed.
 pub const FSYNC_INTERVAL_MIN_US: u64 = 1_000;
 
-/// How many of a shard's newest log entries are kept in memory ([`TailCache`]). openraft reads
+/// How many of a shard's newest log entries are kept in memory (the store's tail cache). openraft reads
 /// back entries it has just appended (the leader to replicate them, every replica to apply
 /// them); 256 covers the entries in flight at 64 clients with room to spare.
 pub const LOG_TAIL_CACHED_MAX: usize = 256;
