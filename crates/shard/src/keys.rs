@@ -183,7 +183,7 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StorageError> {
 }
 
 /// First capacity of an [`encode`] buffer: enough for most log entries and events, so that a
-/// typical value grows it once at most.
+/// typical value needs no reallocation.
 const ENCODE_CAPACITY_HINT: usize = 128;
 
 /// Read a value framed by [`encode`].

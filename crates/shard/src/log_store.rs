@@ -37,9 +37,9 @@ pub const LOG_READ_ENTRIES_MAX: usize = usize::MAX;
 /// consensus writes from ~5,800/s to ~7,000/s (medians). A lone waiter is never delayed.
 pub const FSYNC_INTERVAL_MIN_US: u64 = 1_000;
 
-/// How many of a shard's newest log entries are kept in memory (the store's tail cache). openraft reads
-/// back entries it has just appended (the leader to replicate them, every replica to apply
-/// them); 256 covers the entries in flight at 64 clients with room to spare.
+/// How many of a shard's newest log entries are kept in memory (the store's tail cache).
+/// openraft reads back entries it has just appended (the leader to replicate them, every
+/// replica to apply them); 256 covers the entries in flight at 64 clients with room to spare.
 pub const LOG_TAIL_CACHED_MAX: usize = 256;
 
 /// The newest entries of one shard's log, as one contiguous run, so that openraft's read-backs
@@ -67,6 +67,11 @@ impl TailCache {
         }
     }
 
+    /// Forgets every entry (after a failed write, the engine may hold less than the cache).
+    fn clear(&mut self) {
+        self.entries.clear();
+    }
+
     /// Forgets every entry after `last` (all of them for `None`).
     fn truncate_after(&mut self, last: Option<u64>) {
         match (last, self.first_index()) {
@@ -74,7 +79,7 @@ impl TailCache {
                 let keep = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
                 self.entries.truncate(keep);
             }
-            _ => self.entries.clear(),
+            _ => self.clear(),
         }
     }
 
@@ -266,18 +271,18 @@ impl RaftLogReader<TypeConfig> for ShardLogStore {
             Bound::Excluded(i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
+        // `None`: to the end of the log (also for an inclusive `u64::MAX`).
         let end_exclusive = match range.end_bound() {
-            Bound::Included(i) => Some(i.saturating_add(1)),
+            Bound::Included(i) => i.checked_add(1),
             Bound::Excluded(i) => Some(*i),
             Bound::Unbounded => None,
         };
         if let Some(entries) = self.tail().get(start, end_exclusive) {
             return Ok(entries);
         }
-        let end = match range.end_bound() {
-            Bound::Included(i) => keys::log_key(self.shard, *i).to_vec().into_iter().chain([0]).collect(),
-            Bound::Excluded(i) => keys::log_key(self.shard, *i).to_vec(),
-            Bound::Unbounded => keys::log_end(self.shard),
+        let end = match end_exclusive {
+            Some(i) => keys::log_key(self.shard, i).to_vec(),
+            None => keys::log_end(self.shard),
         };
         let rows = self.engine.scan(Cf::RaftLog, &keys::log_key(self.shard, start), &end, LOG_READ_ENTRIES_MAX)?;
         let mut entries = Vec::with_capacity(rows.len());
@@ -357,7 +362,7 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
             written.push(entry);
         }
         if let Err(e) = self.engine.write(batch) {
-            self.tail().entries.clear();
+            self.tail().clear();
             return Err(e.into());
         }
         {
