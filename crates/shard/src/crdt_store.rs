@@ -461,10 +461,12 @@ impl CrdtStore {
             true
         });
         if advanced {
+            // Merged, not assigned: a concurrent caller may have read the cell's vector before
+            // this one's merge and write the index after it.
             let durable = cell.durable();
             let mut index = lock(&self.inner.index);
             let entry = index.entry(room.clone()).or_insert_with(|| (VersionVector::new(), [0; 32]));
-            entry.0 = durable;
+            entry.0.merge(&durable);
             drop(index);
             self.bump_changes();
         }
@@ -506,8 +508,8 @@ impl CrdtStore {
         let mut copies = Vec::with_capacity(applied.len());
         for (room, cell, version_vector, side_changed) in applied {
             self.mark_durable(&room, &cell, &version_vector)?;
-            if let Some(side) = side_changed {
-                self.side_changed(&room, &cell, side)?;
+            if side_changed {
+                self.side_changed(&room, &cell)?;
             }
             let side_digest = lock(&self.inner.index).get(&room).map_or([0; 32], |(_, digest)| *digest);
             copies.push(RoomSummary { room, version_vector: cell.durable(), side_digest });
@@ -516,9 +518,8 @@ impl CrdtStore {
     }
 
     /// Under the room's lock: apply and write (not yet fsynced) a peer's events and side state.
-    /// Returns the room's version vector after them, its side state if that changed, and
+    /// Returns the room's version vector after them, whether its side state changed, and
     /// whether anything was written.
-    #[allow(clippy::type_complexity)]
     fn apply_remote_unsynced(
         &self,
         room: &RoomId,
@@ -526,7 +527,7 @@ impl CrdtStore {
         events: Vec<Event>,
         side: Option<SideState>,
         now_ms: u64,
-    ) -> Result<(VersionVector, Option<Arc<SideState>>, bool), StoreError> {
+    ) -> Result<(VersionVector, bool, bool), StoreError> {
         let mut wrote = false;
         let mut state = cell.lock();
         let mut batch = WriteBatch::new();
@@ -575,7 +576,6 @@ impl CrdtStore {
             );
             self.inner.engine.write(batch)?;
         }
-        let side_changed = if side_changed { Some(Arc::new(state.side.clone())) } else { None };
         Ok((version_vector, side_changed, wrote))
     }
 
@@ -586,7 +586,7 @@ impl CrdtStore {
         F: FnOnce(&mut SideState, &RoomLog) -> bool,
     {
         let cell = self.room(room).await?;
-        let changed = {
+        {
             let mut state = cell.lock();
             let RoomState { log, side } = &mut *state;
             if !change(side, log) {
@@ -599,21 +599,30 @@ impl CrdtStore {
                 keys::encode(&state.side.markers)?,
             );
             self.inner.engine.write(batch)?;
-            Arc::new(state.side.clone())
-        };
+        }
         self.inner.group_commit.sync().await?;
-        self.side_changed(room, &cell, changed)?;
+        self.side_changed(room, &cell)?;
         Ok(true)
     }
 
-    fn side_changed(&self, room: &RoomId, cell: &RoomCell, side: Arc<SideState>) -> Result<(), StoreError> {
-        let digest = side_digest(&side)?;
+    /// Publish the room's side state as it is now: its digest into the index, the state to
+    /// subscribers, a bump to pushers.
+    ///
+    /// Under the room's lock, and of the state now rather than a copy taken before the fsync:
+    /// two writers that change the room at once finish their fsyncs in either order, and the
+    /// later publication must not put the earlier state back. A stale digest in the index would
+    /// tell pushers that a peer holding that older state lacks nothing, and the newer change
+    /// would never leave this replica.
+    fn side_changed(&self, room: &RoomId, cell: &RoomCell) -> Result<(), StoreError> {
         {
+            let state = cell.lock();
+            let digest = side_digest(&state.side)?;
             let mut index = lock(&self.inner.index);
             let entry = index.entry(room.clone()).or_insert_with(|| (VersionVector::new(), [0; 32]));
             entry.1 = digest;
+            drop(index);
+            let _ = cell.side.send(SideChange::State(Arc::new(state.side.clone())));
         }
-        let _ = cell.side.send(SideChange::State(side));
         self.bump_changes();
         Ok(())
     }
@@ -910,6 +919,65 @@ mod tests {
         assert!(!next.duplicate);
         let retry = write(&store, &first, "ada", "m0", 9_001).await;
         assert!(retry.duplicate, "a retried post is still recognised after a reload");
+    }
+
+    /// Writes racing each other (local ones and peers' merges, whose fsyncs finish in any
+    /// order) leave the index equal to the room (side digest and durable version vector) and
+    /// the subscribers' last state equal to the room's side state: a stale index would make
+    /// pushers skip the newest change for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn racing_side_writes_publish_the_newest_state() {
+        use palaver_crdt::{PresenceEntry, PresenceStatus};
+        let store = store(Arc::new(MemEngine::new()), 1);
+        let room = RoomId("busy".into());
+        let cell = store.room(&room).await.expect("room");
+        let mut subscriber = cell.subscribe_side();
+        // Rounds of racing writers; after each, what was published must be the state now.
+        for round in 0..20u64 {
+            let mut writers = Vec::new();
+            for poster in 0..2u64 {
+                let (store, room) = (store.clone(), room.clone());
+                writers.push(tokio::spawn(async move {
+                    for i in 0..40u64 {
+                        write(&store, &room, "ada", &format!("r{round}-p{poster}-{i}"), 1_000).await;
+                    }
+                }));
+            }
+            for writer in 0..8u64 {
+                let (store, room) = (store.clone(), room.clone());
+                writers.push(tokio::spawn(async move {
+                    for i in 0..40u64 {
+                        let user = UserName(format!("u{writer}-{}", i % 4));
+                        let hlc = Hlc::new(1_000 + round * 100 + i, 0);
+                        let entry = PresenceEntry::new(PresenceStatus::Online, hlc, ReplicaId(1), 1_000);
+                        if writer % 2 == 0 {
+                            store.update_side(&room, |side, _| side.presence.set(user, entry)).await.expect("side");
+                        } else {
+                            let mut side = SideState::default();
+                            side.presence.set(user, PresenceEntry { replica: ReplicaId(2), ..entry });
+                            store.apply_remote(&room, Vec::new(), Some(side), 1_000).await.expect("merge");
+                        }
+                    }
+                }));
+            }
+            for writer in writers {
+                writer.await.expect("writer");
+            }
+            let now = cell.lock().side.clone();
+            let indexed = store.summaries(Some(&room), 1).into_iter().next().expect("indexed").side_digest;
+            assert_eq!(indexed, side_digest(&now).expect("digest"), "round {round}: the index has the newest digest");
+            let indexed = store.summaries(Some(&room), 1).into_iter().next().expect("indexed").version_vector;
+            assert_eq!(indexed, cell.durable(), "round {round}: the index has the newest version vector");
+            let mut last = None;
+            loop {
+                match subscriber.try_recv() {
+                    Ok(SideChange::State(state)) => last = Some(state),
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => continue,
+                    Err(_) => break,
+                }
+            }
+            assert_eq!(last.as_deref(), Some(&now), "round {round}: subscribers were last sent the newest state");
+        }
     }
 
     #[tokio::test]
