@@ -252,6 +252,24 @@ impl Collector for NodeCollector {
             "CRDT events this replica holds that a peer replica is not known to hold",
             &crdt_lag,
         )?;
+        let (mut received_new, mut received_duplicate) = (0u64, 0u64);
+        for replica in node.replicas.all() {
+            let received = replica.crdt.received_events();
+            received_new = received_new.saturating_add(received.new);
+            received_duplicate = received_duplicate.saturating_add(received.duplicate);
+        }
+        counter(
+            &mut encoder,
+            "crdt_events_received_new",
+            "CRDT events peer replicas sent this node that it did not hold yet",
+            received_new,
+        )?;
+        counter(
+            &mut encoder,
+            "crdt_events_received_duplicate",
+            "CRDT events peer replicas sent this node that it already held",
+            received_duplicate,
+        )?;
         gauge(&mut encoder, "subscribers", "Client subscriptions open on this node", int(node.subscription_count()))?;
         gauge(
             &mut encoder,

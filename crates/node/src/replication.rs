@@ -3,22 +3,31 @@
 //! For every local replica and every other member of its Raft group, one task (a *pusher*)
 //! keeps that peer's copy of the shard's rooms up to date:
 //!
-//! - **Push.** When the shard's store changes (a durable event, a side-state change), the pusher
-//!   sends each room the peer lacks something of: the durable events after the peer's known
-//!   version vector (at most [`PUSH_EVENTS_PER_ROOM_MAX`] per room, [`PUSH_ROOMS_MAX`] rooms per
-//!   call) and the side state if its digest differs. The peer applies, fsyncs and answers with
-//!   its copy, which the pusher records — that record is what `quorum` acknowledgements wait on.
+//! - **Push (own events).** When the shard's store changes (a durable event, a side-state
+//!   change), the pusher sends each room the peer lacks something of this replica's own
+//!   writing: the durable events this replica stamped after the peer's known version vector (at
+//!   most [`PUSH_EVENTS_PER_ROOM_MAX`] per room, [`PUSH_ROOMS_MAX`] rooms per call) and the side
+//!   state if its digest differs. The peer applies, fsyncs and answers with its copy, which the
+//!   pusher records — that record is what `quorum` acknowledgements wait on. Every replica
+//!   pushes its own writes to every peer, so a third replica's events reach the peer from that
+//!   replica; relaying them at once too would send each event to each peer twice (measured:
+//!   about as many duplicates as new events).
+//! - **Relay.** If the peer still seems to lack a third replica's events [`RELAY_GRACE_MS`]
+//!   later (that writer died, or a partition cut it off from the peer), the pusher asks the
+//!   peer what it holds of those rooms (a push without events), then sends what it really
+//!   lacks, whoever wrote it.
 //! - **Anti-entropy.** At once after a failed call (so after a partition heals or a peer
 //!   restarts), and periodically, the pusher sends the peer a digest of every room's version
 //!   vector (a digest alone: nothing else crosses the wire while the two agree); if they
 //!   differ, the two exchange listings of their rooms in pages of [`SYNC_ROOMS_PER_PAGE`], and
-//!   each side then pushes what the other lacks. The period starts at
+//!   each side then relays what the other lacks. The period starts at
 //!   [`ANTI_ENTROPY_INTERVAL_MS`] and doubles, up to [`ANTI_ENTROPY_INTERVAL_MAX_MS`], for as
 //!   long as each comparison finds the two in agreement (pushes keep them there; the digest is
 //!   the safety net), so a quiet replica's cost is not O(rooms) every second.
 //!
 //! Both directions run: each replica's pushers feed its peers, and a push also tells the
-//! receiver what the sender holds, so the receiver's pusher sends back what the sender lacks.
+//! receiver what the sender holds (which is how a replica mostly learns that a peer got a third
+//! replica's events).
 //!
 //! Every loop is bounded and every call has a deadline ([`CRDT_CALL_TIMEOUT_MS`]).
 
@@ -30,7 +39,7 @@ use openraft::async_runtime::WatchReceiver;
 use palaver_crdt::{Event, ReplicaId, VersionVector};
 use palaver_ids::{NodeId, RoomId, ShardId};
 use palaver_proto::v1::CrdtRequest;
-use palaver_shard::{CrdtStore, Replica, RoomSummary, SideState, keys};
+use palaver_shard::{CrdtStore, PushScope, Replica, RoomSummary, SideState, keys};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -53,8 +62,14 @@ pub const SYNC_ROOMS_PER_PAGE: usize = 1_024;
 pub const CRDT_CALL_TIMEOUT_MS: u64 = 5_000;
 /// Pause after a failed call before the pusher tries that peer again.
 pub const PUSH_RETRY_MS: u64 = 200;
+/// How long a peer may seem to lack a third replica's events before this replica relays them
+/// (after asking the peer what it holds). That replica pushes its own writes, so the gap
+/// normally closes by itself well within this; the relay is for writers that died or were cut
+/// off from the peer.
+pub const RELAY_GRACE_MS: u64 = 1_000;
 
 const _: () = assert!(PUSH_RETRY_MS < ANTI_ENTROPY_INTERVAL_MS);
+const _: () = assert!(RELAY_GRACE_MS <= ANTI_ENTROPY_INTERVAL_MAX_MS);
 const _: () = assert!(ANTI_ENTROPY_INTERVAL_MS <= ANTI_ENTROPY_INTERVAL_MAX_MS);
 
 /// One room's part of a push.
@@ -174,12 +189,17 @@ struct Pusher {
 impl Pusher {
     async fn run(mut self) {
         let store = self.replica.crdt.clone();
+        let peer = ReplicaId(self.peer.0);
         let mut changes = store.changes();
         let mut sync_due = true;
         let shortest = Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS);
         let longest = Duration::from_millis(ANTI_ENTROPY_INTERVAL_MAX_MS);
         let mut interval = shortest;
         let mut next_sync = tokio::time::Instant::now() + interval;
+        // Whether the next round relays third replicas' events, and when one is due (while
+        // the peer seems to lack some).
+        let mut relay_now = false;
+        let mut relay_at: Option<tokio::time::Instant> = None;
         loop {
             if sync_due {
                 match self.sync(&store).await {
@@ -187,6 +207,8 @@ impl Pusher {
                         sync_due = false;
                         interval = if agreed { (interval * 2).min(longest) } else { shortest };
                         next_sync = tokio::time::Instant::now() + interval;
+                        // The listing just told what the peer holds: relay what it lacks now.
+                        relay_now |= !agreed;
                     }
                     Err(e) => {
                         interval = shortest;
@@ -195,7 +217,8 @@ impl Pusher {
                 }
             }
             if !sync_due {
-                match self.push(&store).await {
+                let round = if relay_now { self.relay(&store).await } else { self.push(&store, PushScope::Own).await };
+                match round {
                     Ok(Pushed::Done) => {}
                     Ok(Pushed::Stuck) => {
                         // The peer took nothing of what it seems to lack: compare soon.
@@ -207,20 +230,35 @@ impl Pusher {
                         sync_due = true;
                     }
                 }
+                if !sync_due {
+                    relay_now = false;
+                    let others_lacking = !store.rooms_behind(peer, 1, PushScope::All).is_empty();
+                    let grace = Duration::from_millis(RELAY_GRACE_MS);
+                    relay_at = others_lacking.then(|| relay_at.unwrap_or_else(|| tokio::time::Instant::now() + grace));
+                }
             }
             let pause = async {
                 if sync_due {
                     tokio::time::sleep(Duration::from_millis(PUSH_RETRY_MS)).await;
-                    true
-                } else {
-                    tokio::select! {
-                        () = tokio::time::sleep_until(next_sync) => true,
-                        changed = changes.changed() => changed.is_err(),
+                    return (true, false);
+                }
+                let relay = async {
+                    match relay_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
                     }
+                };
+                tokio::select! {
+                    () = tokio::time::sleep_until(next_sync) => (true, false),
+                    () = relay => (false, true),
+                    changed = changes.changed() => (changed.is_err(), false),
                 }
             };
             tokio::select! {
-                periodic = pause => sync_due |= periodic,
+                (periodic, relay) = pause => {
+                    sync_due |= periodic;
+                    relay_now |= relay;
+                }
                 _ = self.stopped.wait_for(|stop| *stop) => return,
             }
         }
@@ -277,41 +315,74 @@ impl Pusher {
         }
     }
 
-    /// Push until the peer lacks nothing (or the round's bound is reached).
-    async fn push(&self, store: &CrdtStore) -> Result<Pushed, String> {
+    /// This replica's durable copy of `room`, sent with a push so that the receiver knows what
+    /// the sender holds.
+    fn sender_summary(store: &CrdtStore, room: &RoomId) -> RoomSummary {
+        let sender = store.summaries(Some(room), 1).into_iter().next().filter(|s| s.room == *room);
+        sender.unwrap_or_else(|| RoomSummary {
+            room: room.clone(),
+            version_vector: VersionVector::new(),
+            side_digest: [0; 32],
+        })
+    }
+
+    /// Push until the peer lacks nothing within `scope` (or the round's bound is reached).
+    async fn push(&self, store: &CrdtStore, scope: PushScope) -> Result<Pushed, String> {
         let peer = ReplicaId(self.peer.0);
         for _ in 0..PUSH_CALLS_PER_ROUND_MAX {
-            let behind = store.rooms_behind(peer, PUSH_ROOMS_MAX);
+            let behind = store.rooms_behind(peer, PUSH_ROOMS_MAX, scope);
             if behind.is_empty() {
                 return Ok(Pushed::Done);
             }
             let mut pushes = Vec::with_capacity(behind.len());
-            for (room, held, side_behind) in behind {
+            for (room, base, side_behind) in behind {
                 let cell = store.room(&room).await.map_err(|e| e.to_string())?;
-                let events = cell.durable_delta(&held, PUSH_EVENTS_PER_ROOM_MAX);
+                let events = cell.durable_delta(&base, PUSH_EVENTS_PER_ROOM_MAX);
                 let side = if side_behind { Some(cell.lock().side.clone()) } else { None };
-                let sender = store.summaries(Some(&room), 1).into_iter().next().filter(|s| s.room == room);
-                let sender = sender.unwrap_or_else(|| RoomSummary {
-                    room: room.clone(),
-                    version_vector: VersionVector::new(),
-                    side_digest: [0; 32],
-                });
+                let sender = Self::sender_summary(store, &room);
                 pushes.push(RoomPush { room, sender, events, side });
             }
-            let CrdtAnswer::Pushed(copies) = self.call(&CrdtMessage::Push(pushes)).await? else {
-                return Err("unexpected answer to a push".into());
-            };
-            let mut progressed = false;
-            for copy in &copies {
-                progressed |= store.set_peer(peer, &copy.room, &copy.version_vector, copy.side_digest);
-            }
-            if !progressed {
+            if !self.send_pushes(store, pushes).await? {
                 // The peer took nothing (a refused or conflicting event): stop instead of
                 // spinning; anti-entropy and the next change try again.
                 return Ok(Pushed::Stuck);
             }
         }
         Ok(Pushed::Done)
+    }
+
+    /// Relay third replicas' events the peer still seems to lack. Ask first (a push without
+    /// events, answered with the peer's copy): their writers have most likely delivered them
+    /// since, and this replica's record of the peer only learns that from the peer.
+    async fn relay(&self, store: &CrdtStore) -> Result<Pushed, String> {
+        let peer = ReplicaId(self.peer.0);
+        let probes: Vec<RoomPush> = store
+            .rooms_behind(peer, PUSH_ROOMS_MAX, PushScope::All)
+            .into_iter()
+            .map(|(room, _, _)| RoomPush {
+                sender: Self::sender_summary(store, &room),
+                room,
+                events: Vec::new(),
+                side: None,
+            })
+            .collect();
+        if !probes.is_empty() {
+            self.send_pushes(store, probes).await?;
+        }
+        self.push(store, PushScope::All).await
+    }
+
+    /// Send one push call and record the peer's answer; returns whether that was news.
+    async fn send_pushes(&self, store: &CrdtStore, pushes: Vec<RoomPush>) -> Result<bool, String> {
+        let peer = ReplicaId(self.peer.0);
+        let CrdtAnswer::Pushed(copies) = self.call(&CrdtMessage::Push(pushes)).await? else {
+            return Err("unexpected answer to a push".into());
+        };
+        let mut progressed = false;
+        for copy in &copies {
+            progressed |= store.set_peer(peer, &copy.room, &copy.version_vector, copy.side_digest);
+        }
+        Ok(progressed)
     }
 }
 
@@ -394,6 +465,9 @@ mod tests {
         b.apply_remote(&room, events, None, 1_000).await.expect("apply");
         let answer = handle(&b, NodeId(1), CrdtMessage::Digest(a.digest()), 1_000).await.expect("digest");
         assert_eq!(answer, CrdtAnswer::InSync);
-        assert!(b.rooms_behind(ReplicaId(1), 10).is_empty(), "agreement tells b what a holds: nothing to push");
+        assert!(
+            b.rooms_behind(ReplicaId(1), 10, PushScope::All).is_empty(),
+            "agreement tells b what a holds: nothing to push"
+        );
     }
 }

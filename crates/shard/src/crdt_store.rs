@@ -41,7 +41,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use palaver_crdt::{
-    Applied, CrdtError, Event, EventKind, Hlc, HlcClock, MessageId, Position, PresenceMap, ReadMarkers, ReplicaId,
+    Applied, CrdtError, Dot, Event, EventKind, Hlc, HlcClock, MessageId, Position, PresenceMap, ReadMarkers, ReplicaId,
     RoomLog, TypingMap, VersionVector,
 };
 use palaver_ids::{RoomId, ShardId, UserName};
@@ -84,6 +84,19 @@ pub struct SideState {
     pub presence: PresenceMap,
     /// Who is typing.
     pub typing: TypingMap,
+}
+
+/// Which of a peer's gaps a push fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushScope {
+    /// This replica's own events (and side state). Every replica pushes its own writes to
+    /// every peer, so this is the eager push: a peer lacking a third replica's events is, as a
+    /// rule, being sent them by that replica, and relaying them too would send each event to
+    /// each peer twice.
+    Own,
+    /// Everything the peer is known to lack, whoever wrote it: the relay, for events whose
+    /// writer could not deliver them (it died, or a partition cut it off from the peer).
+    All,
 }
 
 /// A change of a room's side state, for subscribers.
@@ -210,6 +223,23 @@ struct StoreInner {
     peers: Mutex<BTreeMap<ReplicaId, PeerKnowledge>>,
     changes: watch::Sender<u64>,
     acks: watch::Sender<u64>,
+    received: ReceivedCounters,
+}
+
+/// Events peers sent this replica, since it started: what replication costs the receiver.
+#[derive(Debug, Default)]
+struct ReceivedCounters {
+    new: std::sync::atomic::AtomicU64,
+    duplicate: std::sync::atomic::AtomicU64,
+}
+
+/// Events peers sent a replica since it started, by whether it already held them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceivedEvents {
+    /// Events it did not hold yet.
+    pub new: u64,
+    /// Events it already held (another replica sent them first, or a retry).
+    pub duplicate: u64,
 }
 
 /// Drop least recently used rooms from `rooms` until at most `keep` remain, skipping any that
@@ -289,6 +319,7 @@ impl CrdtStore {
                 peers: Mutex::new(BTreeMap::new()),
                 changes,
                 acks,
+                received: ReceivedCounters::default(),
             }),
         })
     }
@@ -296,6 +327,15 @@ impl CrdtStore {
     /// The shard.
     pub fn shard(&self) -> ShardId {
         self.inner.shard
+    }
+
+    /// Events peers sent this replica since it started.
+    pub fn received_events(&self) -> ReceivedEvents {
+        use std::sync::atomic::Ordering;
+        ReceivedEvents {
+            new: self.inner.received.new.load(Ordering::Relaxed),
+            duplicate: self.inner.received.duplicate.load(Ordering::Relaxed),
+        }
     }
 
     /// This replica's id.
@@ -529,10 +569,12 @@ impl CrdtStore {
         now_ms: u64,
     ) -> Result<(VersionVector, bool, bool), StoreError> {
         let mut wrote = false;
+        let (mut new, mut duplicate) = (0u64, 0u64);
         let mut state = cell.lock();
         let mut batch = WriteBatch::new();
         for event in events {
             if state.log.version_vector().contains(event.dot) {
+                duplicate += 1;
                 continue;
             }
             {
@@ -549,11 +591,17 @@ impl CrdtStore {
                 Ok(Applied::New) => {
                     batch.put(Cf::RoomEvents, key, value);
                     wrote = true;
+                    new += 1;
                 }
-                Ok(Applied::Duplicate) => {}
+                Ok(Applied::Duplicate) => duplicate += 1,
                 Err(CrdtError::Gap { .. }) => break,
                 Err(e) => return Err(e.into()),
             }
+        }
+        {
+            use std::sync::atomic::Ordering;
+            self.inner.received.new.fetch_add(new, Ordering::Relaxed);
+            self.inner.received.duplicate.fetch_add(duplicate, Ordering::Relaxed);
         }
         let side_changed = match side {
             Some(side) => merge_side(&mut state.side, &side),
@@ -768,9 +816,13 @@ impl CrdtStore {
         self.index_snapshot().1
     }
 
-    /// The rooms `peer` lacks something of (events or side state), with what it is known to
-    /// hold. Before a full exchange with `peer`, only rooms it already reported are listed.
-    pub fn rooms_behind(&self, peer: ReplicaId, limit: usize) -> Vec<(RoomId, VersionVector, bool)> {
+    /// The rooms `peer` lacks something of (events within `scope`, or side state), at most
+    /// `limit`, each with the version vector to send events after (what the peer is known to
+    /// hold; for [`PushScope::Own`], with every other replica's entry raised to this replica's,
+    /// so that the delta holds this replica's own events only) and whether its side state is
+    /// behind. Before a full exchange with `peer`, only rooms it already reported are listed.
+    pub fn rooms_behind(&self, peer: ReplicaId, limit: usize, scope: PushScope) -> Vec<(RoomId, VersionVector, bool)> {
+        let me = self.inner.replica;
         let peers = lock(&self.inner.peers);
         let knowledge = peers.get(&peer);
         let synced = knowledge.is_some_and(|k| k.synced);
@@ -781,8 +833,19 @@ impl CrdtStore {
             let Some(held) = held.cloned().or_else(|| synced.then(VersionVector::new)) else { continue };
             let their_side = knowledge.and_then(|k| k.side_digests.get(room));
             let side_behind = *side != [0; 32] && their_side != Some(side);
-            if !held.dominates(vv) || side_behind {
-                behind.push((room.clone(), held, side_behind));
+            let (lacking, base) = match scope {
+                PushScope::All => (!held.dominates(vv), held),
+                PushScope::Own => {
+                    let mut base = VersionVector::new();
+                    for (replica, counter) in vv.iter().filter(|(replica, _)| *replica != me) {
+                        base.advance(Dot::new(replica, counter));
+                    }
+                    base.advance(Dot::new(me, held.get(me)));
+                    (held.get(me) < vv.get(me), base)
+                }
+            };
+            if lacking || side_behind {
+                behind.push((room.clone(), base, side_behind));
                 if behind.len() >= limit {
                     break;
                 }
@@ -1025,6 +1088,11 @@ mod tests {
         let held = b.apply_remote(&room, events, None, 1_000).await.expect("apply");
         assert_eq!(held.version_vector.get(ReplicaId(1)), 5);
         assert_eq!(a.digest(), b.digest(), "same events, same digest");
+        assert_eq!(
+            b.received_events(),
+            ReceivedEvents { new: 5, duplicate: 6 },
+            "every received event is counted once"
+        );
     }
 
     #[tokio::test]
@@ -1033,14 +1101,40 @@ mod tests {
         let room = RoomId("q".into());
         let written = write(&a, &room, "ada", "m", 1_000).await;
         assert!(!a.wait_replicated(written.position, &room, 10).await, "nobody else holds it yet");
-        assert!(a.rooms_behind(ReplicaId(2), 10).is_empty(), "an unknown peer gets nothing before a full exchange");
+        assert!(
+            a.rooms_behind(ReplicaId(2), 10, PushScope::All).is_empty(),
+            "an unknown peer gets nothing before a full exchange"
+        );
         a.record_peer_listing(ReplicaId(2), &[], &RoomId(String::new()), None);
-        let behind = a.rooms_behind(ReplicaId(2), 10);
+        let behind = a.rooms_behind(ReplicaId(2), 10, PushScope::All);
         assert_eq!(behind.len(), 1, "after an empty listing, the peer lacks the room");
         let vv = a.room(&room).await.expect("room").durable();
         a.record_peer(ReplicaId(2), &room, &vv, None);
         assert!(a.wait_replicated(written.position, &room, 10).await);
-        assert!(a.rooms_behind(ReplicaId(2), 10).is_empty());
+        assert!(a.rooms_behind(ReplicaId(2), 10, PushScope::All).is_empty());
+    }
+
+    /// The eager push carries a replica's own events only; the relay carries the rest.
+    #[tokio::test]
+    async fn an_own_push_leaves_third_replicas_events_to_the_relay() {
+        let (a, b) = (store(Arc::new(MemEngine::new()), 1), store(Arc::new(MemEngine::new()), 2));
+        let room = RoomId("three".into());
+        write(&a, &room, "ada", "from-a", 1_000).await;
+        let from_a = a.room(&room).await.expect("room").durable_delta(&VersionVector::new(), 10);
+        b.apply_remote(&room, from_a, None, 1_000).await.expect("apply");
+        // Replica 3 is known to hold nothing of the room.
+        b.record_peer_listing(ReplicaId(3), &[], &RoomId(String::new()), None);
+        assert!(b.rooms_behind(ReplicaId(3), 10, PushScope::Own).is_empty(), "b holds nothing of its own");
+        assert_eq!(b.rooms_behind(ReplicaId(3), 10, PushScope::All).len(), 1, "the relay would send a's event");
+        write(&b, &room, "bob", "from-b", 1_001).await;
+        let behind = b.rooms_behind(ReplicaId(3), 10, PushScope::Own);
+        assert_eq!(behind.len(), 1);
+        let events = b.room(&room).await.expect("room").durable_delta(&behind[0].1, 10);
+        let dots: Vec<Dot> = events.iter().map(|event| event.dot).collect();
+        assert_eq!(dots, vec![Dot::new(ReplicaId(2), 1)], "only b's own event");
+        let (_, base, _) = &b.rooms_behind(ReplicaId(3), 10, PushScope::All)[0];
+        let events = b.room(&room).await.expect("room").durable_delta(base, 10);
+        assert_eq!(events.len(), 2, "the relay sends both");
     }
 
     #[tokio::test]

@@ -46,6 +46,20 @@ impl Net {
         }
     }
 
+    /// Cut the links between `x` and `y` (both ways), and reset the connections on them.
+    fn cut_between(&self, x: &str, y: &str) {
+        {
+            let mut cut = self.cut.lock().expect("net lock");
+            cut.insert((x.to_owned(), y.to_owned()));
+            cut.insert((y.to_owned(), x.to_owned()));
+        }
+        for proxy in self.proxies.lock().expect("net lock").iter() {
+            if self.is_cut(&proxy.from, &proxy.to) {
+                proxy.reset();
+            }
+        }
+    }
+
     fn heal(&self) {
         self.cut.lock().expect("net lock").clear();
     }
@@ -235,5 +249,44 @@ async fn a_cut_off_replica_keeps_accepting_and_all_converge_after_heal() {
     for id in &acknowledged {
         assert!(held.contains(id), "acknowledged message {id} is missing");
     }
+    cluster.shutdown().await;
+}
+
+/// A writer cut off from one replica of its room, but not from the other: its posts reach the
+/// cut-off replica all the same, relayed by the other (each replica pushes only its own writes
+/// at once, and relays a third replica's events that a peer still lacks a moment later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_cut_off_from_one_replica_reaches_it_through_the_other() {
+    let net = Arc::new(Net::default());
+    let cluster = InProcessCluster::start(3, 2, &net).await;
+    let mut a = cluster.chat(0);
+    let ada = user(&mut a, "ada").await;
+    a.create_room(authed(CreateRoomRequest { room: "relay".into(), ..Default::default() }, &ada))
+        .await
+        .expect("create");
+    // Node 1's replica checks membership against its own applied state.
+    let first = wait_for("node 1 to accept posts in the new room", || async {
+        post(&mut cluster.chat(0), &ada, "relay", "first", AckLevel::Quorum).await.ok()
+    })
+    .await;
+    wait_for("the first post on node 3", || async {
+        history(&cluster, 2, &ada, "relay").await.filter(|ids| ids.contains(&first)).map(|_| ())
+    })
+    .await;
+
+    net.cut_between(&cluster.addrs[0], &cluster.addrs[2]);
+    let mut acknowledged = vec![first];
+    for i in 0..5 {
+        let id = post(&mut a, &ada, "relay", &format!("cut-{i}"), AckLevel::Quorum)
+            .await
+            .expect("node 2 acknowledges for the quorum");
+        acknowledged.push(id);
+    }
+    let on_c = wait_for("node 3 to hold every post while still cut off from their writer", || async {
+        let ids = history(&cluster, 2, &ada, "relay").await?;
+        (ids.len() == acknowledged.len()).then_some(ids)
+    })
+    .await;
+    assert_eq!(on_c, acknowledged, "the same posts, in the same order");
     cluster.shutdown().await;
 }
