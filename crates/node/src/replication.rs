@@ -232,7 +232,7 @@ impl Pusher {
                 }
                 if !sync_due {
                     relay_now = false;
-                    let others_lacking = !store.rooms_behind(peer, 1, PushScope::All).is_empty();
+                    let others_lacking = store.others_lacking(peer);
                     let grace = Duration::from_millis(RELAY_GRACE_MS);
                     relay_at = others_lacking.then(|| relay_at.unwrap_or_else(|| tokio::time::Instant::now() + grace));
                 }

@@ -823,35 +823,58 @@ impl CrdtStore {
     /// behind. Before a full exchange with `peer`, only rooms it already reported are listed.
     pub fn rooms_behind(&self, peer: ReplicaId, limit: usize, scope: PushScope) -> Vec<(RoomId, VersionVector, bool)> {
         let me = self.inner.replica;
+        let nothing = VersionVector::new();
         let peers = lock(&self.inner.peers);
         let knowledge = peers.get(&peer);
         let synced = knowledge.is_some_and(|k| k.synced);
         let index = lock(&self.inner.index);
         let mut behind = Vec::new();
         for (room, (vv, side)) in index.iter() {
-            let held = knowledge.and_then(|k| k.rooms.get(room));
-            let Some(held) = held.cloned().or_else(|| synced.then(VersionVector::new)) else { continue };
+            let held = match knowledge.and_then(|k| k.rooms.get(room)) {
+                Some(held) => held,
+                None if synced => &nothing,
+                None => continue,
+            };
             let their_side = knowledge.and_then(|k| k.side_digests.get(room));
             let side_behind = *side != [0; 32] && their_side != Some(side);
-            let (lacking, base) = match scope {
-                PushScope::All => (!held.dominates(vv), held),
+            let lacking = match scope {
+                PushScope::All => !held.dominates(vv),
+                PushScope::Own => held.get(me) < vv.get(me),
+            };
+            if !lacking && !side_behind {
+                continue;
+            }
+            let base = match scope {
+                PushScope::All => held.clone(),
                 PushScope::Own => {
                     let mut base = VersionVector::new();
                     for (replica, counter) in vv.iter().filter(|(replica, _)| *replica != me) {
                         base.advance(Dot::new(replica, counter));
                     }
                     base.advance(Dot::new(me, held.get(me)));
-                    (held.get(me) < vv.get(me), base)
+                    base
                 }
             };
-            if lacking || side_behind {
-                behind.push((room.clone(), base, side_behind));
-                if behind.len() >= limit {
-                    break;
-                }
+            behind.push((room.clone(), base, side_behind));
+            if behind.len() >= limit {
+                break;
             }
         }
         behind
+    }
+
+    /// Whether `peer` seems to lack events of some other replica than this one (what a relay
+    /// would send). Allocates nothing: the pusher asks after every round.
+    pub fn others_lacking(&self, peer: ReplicaId) -> bool {
+        let me = self.inner.replica;
+        let peers = lock(&self.inner.peers);
+        let knowledge = peers.get(&peer);
+        let synced = knowledge.is_some_and(|k| k.synced);
+        let index = lock(&self.inner.index);
+        index.iter().any(|(room, (vv, _))| match knowledge.and_then(|k| k.rooms.get(room)) {
+            Some(held) => vv.iter().any(|(replica, counter)| replica != me && held.get(replica) < counter),
+            None => synced && vv.iter().any(|(replica, _)| replica != me),
+        })
     }
 
     /// For each peer replica this one knows of: how many events this replica holds that the
@@ -1126,6 +1149,7 @@ mod tests {
         b.record_peer_listing(ReplicaId(3), &[], &RoomId(String::new()), None);
         assert!(b.rooms_behind(ReplicaId(3), 10, PushScope::Own).is_empty(), "b holds nothing of its own");
         assert_eq!(b.rooms_behind(ReplicaId(3), 10, PushScope::All).len(), 1, "the relay would send a's event");
+        assert!(b.others_lacking(ReplicaId(3)));
         write(&b, &room, "bob", "from-b", 1_001).await;
         let behind = b.rooms_behind(ReplicaId(3), 10, PushScope::Own);
         assert_eq!(behind.len(), 1);
@@ -1135,6 +1159,9 @@ mod tests {
         let (_, base, _) = &b.rooms_behind(ReplicaId(3), 10, PushScope::All)[0];
         let events = b.room(&room).await.expect("room").durable_delta(base, 10);
         assert_eq!(events.len(), 2, "the relay sends both");
+        let vv = b.room(&room).await.expect("room").durable();
+        b.record_peer(ReplicaId(3), &room, &vv, None);
+        assert!(!b.others_lacking(ReplicaId(3)), "replica 3 holds everything now");
     }
 
     #[tokio::test]
