@@ -12,10 +12,11 @@
 //!   pushes its own writes to every peer, so a third replica's events reach the peer from that
 //!   replica; relaying them at once too would send each event to each peer twice (measured:
 //!   about as many duplicates as new events).
-//! - **Relay.** If the peer still seems to lack a third replica's events [`RELAY_GRACE_MS`]
-//!   later (that writer died, or a partition cut it off from the peer), the pusher asks the
-//!   peer what it holds of those rooms (a push without events), then sends what it really
-//!   lacks, whoever wrote it.
+//! - **Relay.** When a third replica's events arrive here, the pusher looks again
+//!   [`RELAY_GRACE_MS`] later (it does not wake for them at once). If the peer still seems to
+//!   lack some (that writer died, or a partition cut it off from the peer), it asks the peer
+//!   what it holds of those rooms (a push without events), then sends what it really lacks,
+//!   whoever wrote it.
 //! - **Anti-entropy.** At once after a failed call (so after a partition heals or a peer
 //!   restarts), and periodically, the pusher sends the peer a digest of every room's version
 //!   vector (a digest alone: nothing else crosses the wire while the two agree); if they
@@ -177,6 +178,18 @@ enum Pushed {
     Stuck,
 }
 
+/// Why a pusher's pause ended.
+enum Wake {
+    /// Anti-entropy is due (or a retry after a failure).
+    Sync,
+    /// A relay is due.
+    Relay,
+    /// This replica's own events or side state changed.
+    Push,
+    /// Peers' events arrived here.
+    Received,
+}
+
 /// Keeps one peer's copy of one shard's rooms up to date.
 struct Pusher {
     node: Arc<NodeInner>,
@@ -191,15 +204,19 @@ impl Pusher {
         let store = self.replica.crdt.clone();
         let peer = ReplicaId(self.peer.0);
         let mut changes = store.changes();
+        let mut received = store.received();
         let mut sync_due = true;
         let shortest = Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS);
         let longest = Duration::from_millis(ANTI_ENTROPY_INTERVAL_MAX_MS);
         let mut interval = shortest;
         let mut next_sync = tokio::time::Instant::now() + interval;
-        // Whether the next round relays third replicas' events, and when one is due (while
-        // the peer seems to lack some).
+        // Whether the next round relays third replicas' events, and when one is due: armed
+        // when peers' events arrive here, or while the peer seems to lack some after a relay.
         let mut relay_now = false;
         let mut relay_at: Option<tokio::time::Instant> = None;
+        let grace = Duration::from_millis(RELAY_GRACE_MS);
+        // Whether this replica's own events or side state may have moved since the last round.
+        let mut push_due = true;
         loop {
             if sync_due {
                 match self.sync(&store).await {
@@ -209,6 +226,7 @@ impl Pusher {
                         next_sync = tokio::time::Instant::now() + interval;
                         // The listing just told what the peer holds: relay what it lacks now.
                         relay_now |= !agreed;
+                        push_due = true;
                     }
                     Err(e) => {
                         interval = shortest;
@@ -216,8 +234,10 @@ impl Pusher {
                     }
                 }
             }
-            if !sync_due {
-                let round = if relay_now { self.relay(&store).await } else { self.push(&store, PushScope::Own).await };
+            if !sync_due && (push_due || relay_now) {
+                push_due = false;
+                let relaying = relay_now;
+                let round = if relaying { self.relay(&store).await } else { self.push(&store, PushScope::Own).await };
                 match round {
                     Ok(Pushed::Done) => {}
                     Ok(Pushed::Stuck) => {
@@ -230,17 +250,15 @@ impl Pusher {
                         sync_due = true;
                     }
                 }
-                if !sync_due {
+                if !sync_due && relaying {
                     relay_now = false;
-                    let others_lacking = store.others_lacking(peer);
-                    let grace = Duration::from_millis(RELAY_GRACE_MS);
-                    relay_at = others_lacking.then(|| relay_at.unwrap_or_else(|| tokio::time::Instant::now() + grace));
+                    relay_at = store.others_lacking(peer).then(|| tokio::time::Instant::now() + grace);
                 }
             }
             let pause = async {
                 if sync_due {
                     tokio::time::sleep(Duration::from_millis(PUSH_RETRY_MS)).await;
-                    return (true, false);
+                    return Wake::Sync;
                 }
                 let relay = async {
                     match relay_at {
@@ -249,16 +267,23 @@ impl Pusher {
                     }
                 };
                 tokio::select! {
-                    () = tokio::time::sleep_until(next_sync) => (true, false),
-                    () = relay => (false, true),
-                    changed = changes.changed() => (changed.is_err(), false),
+                    () = tokio::time::sleep_until(next_sync) => Wake::Sync,
+                    () = relay => Wake::Relay,
+                    changed = changes.changed() => if changed.is_err() { Wake::Sync } else { Wake::Push },
+                    changed = received.changed() => if changed.is_err() { Wake::Sync } else { Wake::Received },
                 }
             };
             tokio::select! {
-                (periodic, relay) = pause => {
-                    sync_due |= periodic;
-                    relay_now |= relay;
-                }
+                wake = pause => match wake {
+                    Wake::Sync => sync_due = true,
+                    Wake::Relay => relay_now = true,
+                    Wake::Push => push_due = true,
+                    // Their writer is pushing them to the peer too: no round now; look again
+                    // after the grace.
+                    Wake::Received => {
+                        relay_at.get_or_insert_with(|| tokio::time::Instant::now() + grace);
+                    }
+                },
                 _ = self.stopped.wait_for(|stop| *stop) => return,
             }
         }

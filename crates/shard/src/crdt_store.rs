@@ -222,8 +222,9 @@ struct StoreInner {
     index: Mutex<BTreeMap<RoomId, (VersionVector, [u8; 32])>>,
     peers: Mutex<BTreeMap<ReplicaId, PeerKnowledge>>,
     changes: watch::Sender<u64>,
+    received: watch::Sender<u64>,
     acks: watch::Sender<u64>,
-    received: ReceivedCounters,
+    received_events: ReceivedCounters,
 }
 
 /// Events peers sent this replica, since it started: what replication costs the receiver.
@@ -318,8 +319,9 @@ impl CrdtStore {
                 index: Mutex::new(index),
                 peers: Mutex::new(BTreeMap::new()),
                 changes,
+                received: watch::channel(0).0,
                 acks,
-                received: ReceivedCounters::default(),
+                received_events: ReceivedCounters::default(),
             }),
         })
     }
@@ -333,8 +335,8 @@ impl CrdtStore {
     pub fn received_events(&self) -> ReceivedEvents {
         use std::sync::atomic::Ordering;
         ReceivedEvents {
-            new: self.inner.received.new.load(Ordering::Relaxed),
-            duplicate: self.inner.received.duplicate.load(Ordering::Relaxed),
+            new: self.inner.received_events.new.load(Ordering::Relaxed),
+            duplicate: self.inner.received_events.duplicate.load(Ordering::Relaxed),
         }
     }
 
@@ -343,9 +345,16 @@ impl CrdtStore {
         self.inner.replica
     }
 
-    /// Bumped on every change of durable events or side state in any room.
+    /// Bumped on every change this replica pushes at once: its own durable events (a local
+    /// write) and side state, in any room.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.inner.changes.subscribe()
+    }
+
+    /// Bumped when peers' events (another replica's) became durable here: what a relay may
+    /// have to pass on to a third replica.
+    pub fn received(&self) -> watch::Receiver<u64> {
+        self.inner.received.subscribe()
     }
 
     fn bump_changes(&self) {
@@ -490,12 +499,17 @@ impl CrdtStore {
         let _ = durable.wait_for(|vv| vv.contains(position.dot())).await;
     }
 
+    /// Record `version_vector` of `room` as durable; wake the pushers if this replica's own
+    /// events advanced ([`CrdtStore::changes`]), or else tell them that a peer's did
+    /// ([`CrdtStore::received`]).
     fn mark_durable(&self, room: &RoomId, cell: &RoomCell, version_vector: &VersionVector) -> Result<(), StoreError> {
-        let mut advanced = false;
+        let me = self.inner.replica;
+        let (mut advanced, mut own_advanced) = (false, false);
         cell.durable.send_if_modified(|durable| {
             if durable.dominates(version_vector) {
                 return false;
             }
+            own_advanced = version_vector.get(me) > durable.get(me);
             durable.merge(version_vector);
             advanced = true;
             true
@@ -508,7 +522,11 @@ impl CrdtStore {
             let entry = index.entry(room.clone()).or_insert_with(|| (VersionVector::new(), [0; 32]));
             entry.0.merge(&durable);
             drop(index);
-            self.bump_changes();
+            if own_advanced {
+                self.bump_changes();
+            } else {
+                self.inner.received.send_modify(|n| *n = n.wrapping_add(1));
+            }
         }
         Ok(())
     }
@@ -600,8 +618,8 @@ impl CrdtStore {
         }
         {
             use std::sync::atomic::Ordering;
-            self.inner.received.new.fetch_add(new, Ordering::Relaxed);
-            self.inner.received.duplicate.fetch_add(duplicate, Ordering::Relaxed);
+            self.inner.received_events.new.fetch_add(new, Ordering::Relaxed);
+            self.inner.received_events.duplicate.fetch_add(duplicate, Ordering::Relaxed);
         }
         let side_changed = match side {
             Some(side) => merge_side(&mut state.side, &side),
@@ -1135,6 +1153,29 @@ mod tests {
         a.record_peer(ReplicaId(2), &room, &vv, None);
         assert!(a.wait_replicated(written.position, &room, 10).await);
         assert!(a.rooms_behind(ReplicaId(2), 10, PushScope::All).is_empty());
+    }
+
+    /// A replica's own durable events wake its pushers (`changes`); a peer's tell them that a
+    /// relay may be due (`received`), so the pushers do not rescan on every event they got.
+    #[tokio::test]
+    async fn own_events_wake_pushers_and_peers_events_arm_the_relay() {
+        let (a, b) = (store(Arc::new(MemEngine::new()), 1), store(Arc::new(MemEngine::new()), 2));
+        let room = RoomId("wake".into());
+        let (mut changes, mut received) = (b.changes(), b.received());
+        write(&a, &room, "ada", "from-a", 1_000).await;
+        let from_a = a.room(&room).await.expect("room").durable_delta(&VersionVector::new(), 10);
+        b.apply_remote(&room, from_a, None, 1_000).await.expect("apply");
+        assert!(received.has_changed().expect("open") && !changes.has_changed().expect("open"));
+        received.borrow_and_update();
+        write(&b, &room, "bob", "from-b", 1_001).await;
+        assert!(changes.has_changed().expect("open") && !received.has_changed().expect("open"));
+        changes.borrow_and_update();
+        // b's own event, given back by a peer (b lost it): b must push it again.
+        let fresh = store(Arc::new(MemEngine::new()), 2);
+        let fresh_changes = fresh.changes();
+        let own = b.room(&room).await.expect("room").durable_delta(&VersionVector::new(), 10);
+        fresh.apply_remote(&room, own, None, 1_000).await.expect("apply");
+        assert!(fresh_changes.has_changed().expect("open"), "its own events came back: push them");
     }
 
     /// The eager push carries a replica's own events only; the relay carries the rest.
