@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::harness::{TestCluster, authed, user};
+use crate::harness::{TestCluster, authed, user, wait_for};
 
 /// Resolve `#/components/schemas/X` references.
 fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
@@ -563,4 +563,11 @@ async fn metrics_parse_and_move_with_traffic() {
     assert_eq!(leaders, 3);
     assert!(after.iter().any(|s| s.name == "palaver_route_cache_hits_total"));
     assert!(after.iter().any(|s| s.name == "palaver_subscribers"));
+    // The posts reached the other replicas: node 2 counts them as received from a peer.
+    let received = wait_for("node 2 to count the posts it received", || async {
+        let samples = scrape(1).await;
+        (value(&samples, "palaver_crdt_events_received_new_total", &[]) >= 5.0).then_some(samples)
+    })
+    .await;
+    assert!(received.iter().any(|s| s.name == "palaver_crdt_events_received_duplicate_total"));
 }
