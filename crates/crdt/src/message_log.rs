@@ -380,6 +380,13 @@ impl RoomLog {
         self.missing_from(other).take(limit).cloned().collect()
     }
 
+    /// [`RoomLog::delta_since`] `other`, but only events that `upto` covers (e.g. the durable
+    /// ones): per replica, the events after `other`'s entry up to `upto`'s. Visits no event
+    /// past `limit`, however far behind `other` is.
+    pub fn delta_between(&self, other: &VersionVector, upto: &VersionVector, limit: usize) -> Vec<Event> {
+        self.missing_between(other, upto).take(limit).cloned().collect()
+    }
+
     /// Apply every event of `other` this log lacks; returns how many were new. Commutative,
     /// associative and idempotent in the resulting log. Fails only if the rooms differ.
     pub fn merge(&mut self, other: &RoomLog) -> Result<usize, CrdtError> {
@@ -441,9 +448,19 @@ impl RoomLog {
     }
 
     fn missing_from<'a>(&'a self, other: &'a VersionVector) -> impl Iterator<Item = &'a Event> + 'a {
+        self.missing_between(other, &self.version_vector)
+    }
+
+    /// The events after `other` up to `upto` (per replica), lazily, in replica then counter
+    /// order.
+    fn missing_between<'a>(
+        &'a self,
+        other: &'a VersionVector,
+        upto: &'a VersionVector,
+    ) -> impl Iterator<Item = &'a Event> + 'a {
         self.version_vector.iter().flat_map(move |(replica, have)| {
             let from = Dot::new(replica, other.get(replica).saturating_add(1));
-            let to = Dot::new(replica, have);
+            let to = Dot::new(replica, have.min(upto.get(replica)));
             let range = if from <= to { Some(self.events.range(from..=to)) } else { None };
             range.into_iter().flatten().map(|(_, event)| event)
         })
@@ -905,6 +922,19 @@ mod tests {
         assert_eq!(rounds, 3, "five missing events, two per round");
         assert_eq!(target, source);
         assert!(source.delta_since(&VersionVector::new(), 0).is_empty());
+        // Bounded above too: the same events as filtering the whole delta, in the same order.
+        let mut upto = VersionVector::new();
+        upto.advance(Dot::new(ReplicaId(1), 2));
+        upto.advance(Dot::new(ReplicaId(3), 1));
+        let filtered: Vec<Event> = source
+            .delta_since(&VersionVector::new(), usize::MAX)
+            .into_iter()
+            .filter(|e| upto.contains(e.dot))
+            .collect();
+        assert_eq!(source.delta_between(&VersionVector::new(), &upto, usize::MAX), filtered);
+        assert_eq!(source.delta_between(&VersionVector::new(), &upto, 2), filtered[..2].to_vec());
+        let dots: Vec<Dot> = filtered.iter().map(|e| e.dot).collect();
+        assert_eq!(dots, [Dot::new(ReplicaId(1), 1), Dot::new(ReplicaId(1), 2), Dot::new(ReplicaId(3), 1)]);
     }
 
     #[test]

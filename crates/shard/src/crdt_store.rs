@@ -151,14 +151,7 @@ impl RoomCell {
     /// order.
     pub fn durable_delta(&self, have: &VersionVector, limit: usize) -> Vec<Event> {
         let durable = self.durable();
-        let state = self.lock();
-        state
-            .log
-            .delta_since(have, usize::MAX)
-            .into_iter()
-            .filter(|event| durable.contains(event.dot))
-            .take(limit)
-            .collect()
+        self.lock().log.delta_between(have, &durable, limit)
     }
 }
 
