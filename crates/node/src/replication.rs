@@ -217,6 +217,9 @@ impl Pusher {
         let grace = Duration::from_millis(RELAY_GRACE_MS);
         // Whether this replica's own events or side state may have moved since the last round.
         let mut push_due = true;
+        // The change sequence number up to which the peer has been sent every own change;
+        // `None`: look at every room (at start, after anti-entropy, after a stuck round).
+        let mut cursor: Option<u64> = None;
         loop {
             if sync_due {
                 match self.sync(&store).await {
@@ -227,6 +230,7 @@ impl Pusher {
                         // The listing just told what the peer holds: relay what it lacks now.
                         relay_now |= !agreed;
                         push_due = true;
+                        cursor = None;
                     }
                     Err(e) => {
                         interval = shortest;
@@ -237,11 +241,12 @@ impl Pusher {
             if !sync_due && (push_due || relay_now) {
                 push_due = false;
                 let relaying = relay_now;
-                let round = if relaying { self.relay(&store).await } else { self.push(&store, PushScope::Own).await };
+                let round = if relaying { self.relay(&store).await } else { self.push_own(&store, &mut cursor).await };
                 match round {
                     Ok(Pushed::Done) => {}
                     Ok(Pushed::Stuck) => {
                         // The peer took nothing of what it seems to lack: compare soon.
+                        cursor = None;
                         interval = shortest;
                         next_sync = next_sync.min(tokio::time::Instant::now() + interval);
                     }
@@ -359,14 +364,7 @@ impl Pusher {
             if behind.is_empty() {
                 return Ok(Pushed::Done);
             }
-            let mut pushes = Vec::with_capacity(behind.len());
-            for (room, base, side_behind) in behind {
-                let cell = store.room(&room).await.map_err(|e| e.to_string())?;
-                let events = cell.durable_delta(&base, PUSH_EVENTS_PER_ROOM_MAX);
-                let side = if side_behind { Some(cell.lock().side.clone()) } else { None };
-                let sender = Self::sender_summary(store, &room);
-                pushes.push(RoomPush { room, sender, events, side });
-            }
+            let pushes = self.pushes(store, behind).await?;
             if !self.send_pushes(store, pushes).await? {
                 // The peer took nothing (a refused or conflicting event): stop instead of
                 // spinning; anti-entropy and the next change try again.
@@ -374,6 +372,54 @@ impl Pusher {
             }
         }
         Ok(Pushed::Done)
+    }
+
+    /// Push this replica's own events and side state: of every room when `cursor` is `None`,
+    /// else of the rooms changed since `cursor` only (no scan of the shard's whole index);
+    /// moves `cursor` past what the peer now holds.
+    async fn push_own(&self, store: &CrdtStore, cursor: &mut Option<u64>) -> Result<Pushed, String> {
+        let peer = ReplicaId(self.peer.0);
+        let Some(after) = *cursor else {
+            let upto = store.change_seq();
+            let pushed = self.push(store, PushScope::Own).await?;
+            if matches!(pushed, Pushed::Done) && store.rooms_behind(peer, 1, PushScope::Own).is_empty() {
+                *cursor = Some(upto);
+            }
+            return Ok(pushed);
+        };
+        let (rooms, upto) = store.changed_since(after, PUSH_ROOMS_MAX * PUSH_CALLS_PER_ROUND_MAX);
+        for _ in 0..PUSH_CALLS_PER_ROUND_MAX {
+            let mut behind = store.own_rooms_behind_among(peer, &rooms);
+            if behind.is_empty() {
+                *cursor = Some(upto);
+                return Ok(Pushed::Done);
+            }
+            behind.truncate(PUSH_ROOMS_MAX);
+            let pushes = self.pushes(store, behind).await?;
+            if !self.send_pushes(store, pushes).await? {
+                return Ok(Pushed::Stuck);
+            }
+        }
+        // Rooms left behind: the next round looks at every room.
+        *cursor = None;
+        Ok(Pushed::Done)
+    }
+
+    /// The pushes for `behind` (as [`CrdtStore::rooms_behind`] lists rooms).
+    async fn pushes(
+        &self,
+        store: &CrdtStore,
+        behind: Vec<(RoomId, VersionVector, bool)>,
+    ) -> Result<Vec<RoomPush>, String> {
+        let mut pushes = Vec::with_capacity(behind.len());
+        for (room, base, side_behind) in behind {
+            let cell = store.room(&room).await.map_err(|e| e.to_string())?;
+            let events = cell.durable_delta(&base, PUSH_EVENTS_PER_ROOM_MAX);
+            let side = if side_behind { Some(cell.lock().side.clone()) } else { None };
+            let sender = Self::sender_summary(store, &room);
+            pushes.push(RoomPush { room, sender, events, side });
+        }
+        Ok(pushes)
     }
 
     /// Relay third replicas' events the peer still seems to lack. Ask first (a push without

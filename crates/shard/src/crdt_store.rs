@@ -215,9 +215,20 @@ struct StoreInner {
     index: Mutex<BTreeMap<RoomId, (VersionVector, [u8; 32])>>,
     peers: Mutex<BTreeMap<ReplicaId, PeerKnowledge>>,
     changes: watch::Sender<u64>,
+    changed_rooms: Mutex<ChangedRooms>,
     received: watch::Sender<u64>,
     acks: watch::Sender<u64>,
     received_events: ReceivedCounters,
+}
+
+/// The rooms whose own events or side state changed, by the sequence number of their latest
+/// change, so that a pusher looks only at rooms changed since its last round instead of
+/// scanning every room of the shard.
+#[derive(Debug, Default)]
+struct ChangedRooms {
+    last: u64,
+    by_seq: BTreeMap<u64, RoomId>,
+    seq_of: BTreeMap<RoomId, u64>,
 }
 
 /// Events peers sent this replica, since it started: what replication costs the receiver.
@@ -234,6 +245,17 @@ pub struct ReceivedEvents {
     pub new: u64,
     /// Events it already held (another replica sent them first, or a retry).
     pub duplicate: u64,
+}
+
+/// The vector to send `me`'s own events after: the peer's entry for `me` (`held`), every
+/// other replica's raised to this replica's (`vv`), so that the delta holds no one else's.
+fn own_base(vv: &VersionVector, held: &VersionVector, me: ReplicaId) -> VersionVector {
+    let mut base = VersionVector::new();
+    for (replica, counter) in vv.iter().filter(|(replica, _)| *replica != me) {
+        base.advance(Dot::new(replica, counter));
+    }
+    base.advance(Dot::new(me, held.get(me)));
+    base
 }
 
 /// Drop least recently used rooms from `rooms` until at most `keep` remain, skipping any that
@@ -312,6 +334,7 @@ impl CrdtStore {
                 index: Mutex::new(index),
                 peers: Mutex::new(BTreeMap::new()),
                 changes,
+                changed_rooms: Mutex::new(ChangedRooms::default()),
                 received: watch::channel(0).0,
                 acks,
                 received_events: ReceivedCounters::default(),
@@ -350,8 +373,36 @@ impl CrdtStore {
         self.inner.received.subscribe()
     }
 
-    fn bump_changes(&self) {
+    /// Record that `room`'s own events or side state changed, and wake the pushers.
+    fn bump_changes(&self, room: &RoomId) {
+        {
+            let mut changed = lock(&self.inner.changed_rooms);
+            changed.last += 1;
+            let seq = changed.last;
+            if let Some(old) = changed.seq_of.insert(room.clone(), seq) {
+                changed.by_seq.remove(&old);
+            }
+            changed.by_seq.insert(seq, room.clone());
+        }
         self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The sequence number of the latest change (0: none yet).
+    pub fn change_seq(&self) -> u64 {
+        lock(&self.inner.changed_rooms).last
+    }
+
+    /// The rooms whose own events or side state changed after sequence number `after`, at
+    /// most `limit`, oldest change first, with the sequence number of the last one listed.
+    pub fn changed_since(&self, after: u64, limit: usize) -> (Vec<RoomId>, u64) {
+        let changed = lock(&self.inner.changed_rooms);
+        let mut upto = after;
+        let mut rooms = Vec::new();
+        for (seq, room) in changed.by_seq.range(after.saturating_add(1)..).take(limit) {
+            upto = *seq;
+            rooms.push(room.clone());
+        }
+        (rooms, upto)
     }
 
     /// The room, loaded from the engine on first use.
@@ -516,7 +567,7 @@ impl CrdtStore {
             entry.0.merge(&durable);
             drop(index);
             if own_advanced {
-                self.bump_changes();
+                self.bump_changes(room);
             } else {
                 self.inner.received.send_modify(|n| *n = n.wrapping_add(1));
             }
@@ -682,7 +733,7 @@ impl CrdtStore {
             drop(index);
             let _ = cell.side.send(SideChange::State(Arc::new(state.side.clone())));
         }
-        self.bump_changes();
+        self.bump_changes(room);
         Ok(())
     }
 
@@ -857,18 +908,36 @@ impl CrdtStore {
             }
             let base = match scope {
                 PushScope::All => held.clone(),
-                PushScope::Own => {
-                    let mut base = VersionVector::new();
-                    for (replica, counter) in vv.iter().filter(|(replica, _)| *replica != me) {
-                        base.advance(Dot::new(replica, counter));
-                    }
-                    base.advance(Dot::new(me, held.get(me)));
-                    base
-                }
+                PushScope::Own => own_base(vv, held, me),
             };
             behind.push((room.clone(), base, side_behind));
             if behind.len() >= limit {
                 break;
+            }
+        }
+        behind
+    }
+
+    /// [`CrdtStore::rooms_behind`] with [`PushScope::Own`], among `rooms` only.
+    pub fn own_rooms_behind_among(&self, peer: ReplicaId, rooms: &[RoomId]) -> Vec<(RoomId, VersionVector, bool)> {
+        let me = self.inner.replica;
+        let nothing = VersionVector::new();
+        let peers = lock(&self.inner.peers);
+        let knowledge = peers.get(&peer);
+        let synced = knowledge.is_some_and(|k| k.synced);
+        let index = lock(&self.inner.index);
+        let mut behind = Vec::new();
+        for room in rooms {
+            let Some((vv, side)) = index.get(room) else { continue };
+            let held = match knowledge.and_then(|k| k.rooms.get(room)) {
+                Some(held) => held,
+                None if synced => &nothing,
+                None => continue,
+            };
+            let their_side = knowledge.and_then(|k| k.side_digests.get(room));
+            let side_behind = *side != [0; 32] && their_side != Some(side);
+            if held.get(me) < vv.get(me) || side_behind {
+                behind.push((room.clone(), own_base(vv, held, me), side_behind));
             }
         }
         behind
@@ -1169,6 +1238,33 @@ mod tests {
         let own = b.room(&room).await.expect("room").durable_delta(&VersionVector::new(), 10);
         fresh.apply_remote(&room, own, None, 1_000).await.expect("apply");
         assert!(fresh_changes.has_changed().expect("open"), "its own events came back: push them");
+    }
+
+    /// Pushers look only at rooms changed since their last round: each room once, at its
+    /// latest change, and only for this replica's own events or side state.
+    #[tokio::test]
+    async fn changed_rooms_are_listed_once_at_their_latest_change() {
+        let (a, b) = (store(Arc::new(MemEngine::new()), 1), store(Arc::new(MemEngine::new()), 2));
+        let (r1, r2) = (RoomId("one".into()), RoomId("two".into()));
+        assert_eq!(b.change_seq(), 0);
+        write(&b, &r1, "bob", "m1", 1_000).await;
+        let after_first = b.change_seq();
+        write(&b, &r2, "bob", "m2", 1_001).await;
+        write(&b, &r1, "bob", "m3", 1_002).await;
+        let (rooms, upto) = b.changed_since(0, 10);
+        assert_eq!(rooms, vec![r2.clone(), r1.clone()], "oldest change first, each room once");
+        assert_eq!(upto, b.change_seq());
+        assert_eq!(b.changed_since(after_first, 1).0, vec![r2.clone()], "bounded");
+        // A peer's event is not a change of b's own.
+        write(&a, &r2, "ada", "from-a", 1_003).await;
+        let from_a = a.room(&r2).await.expect("room").durable_delta(&VersionVector::new(), 10);
+        b.apply_remote(&r2, from_a, None, 1_003).await.expect("apply");
+        assert!(b.changed_since(upto, 10).0.is_empty());
+        // Replica 3 knows nothing of r1 yet but has listed: r1 and r2 hold b's events it lacks.
+        b.record_peer_listing(ReplicaId(3), &[], &RoomId(String::new()), None);
+        let behind = b.own_rooms_behind_among(ReplicaId(3), std::slice::from_ref(&r1));
+        assert_eq!(behind.len(), 1);
+        assert_eq!(b.room(&r1).await.expect("room").durable_delta(&behind[0].1, 10).len(), 2);
     }
 
     /// The eager push carries a replica's own events only; the relay carries the rest.
