@@ -215,7 +215,11 @@ impl Collector for NodeCollector {
         let node = &self.node;
         let (mut term, mut leader, mut is_leader, mut commit_lag, mut apply_lag, mut crdt_lag) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut received_new, mut received_duplicate) = (0u64, 0u64);
         for replica in node.replicas.all() {
+            let received = replica.crdt.received_events();
+            received_new = received_new.saturating_add(received.new);
+            received_duplicate = received_duplicate.saturating_add(received.duplicate);
             let shard = ShardLabels { shard: replica.shard.0.to_string() };
             let metrics = replica.raft.metrics();
             let metrics = metrics.borrow_watched().clone();
@@ -252,12 +256,6 @@ impl Collector for NodeCollector {
             "CRDT events this replica holds that a peer replica is not known to hold",
             &crdt_lag,
         )?;
-        let (mut received_new, mut received_duplicate) = (0u64, 0u64);
-        for replica in node.replicas.all() {
-            let received = replica.crdt.received_events();
-            received_new = received_new.saturating_add(received.new);
-            received_duplicate = received_duplicate.saturating_add(received.duplicate);
-        }
         counter(
             &mut encoder,
             "crdt_events_received_new",

@@ -247,6 +247,39 @@ pub struct ReceivedEvents {
     pub duplicate: u64,
 }
 
+/// Whether a peer known as `knowledge` lacks something of `room` (durable vector `vv`, side
+/// digest `side`) within `scope`: the vector to send events after and whether its side state
+/// is behind, or `None`. Before a full exchange, a room the peer never reported is skipped.
+fn room_behind(
+    knowledge: Option<&PeerKnowledge>,
+    me: ReplicaId,
+    scope: PushScope,
+    room: &RoomId,
+    vv: &VersionVector,
+    side: &[u8; 32],
+) -> Option<(VersionVector, bool)> {
+    let nothing = VersionVector::new();
+    let held = match knowledge.and_then(|k| k.rooms.get(room)) {
+        Some(held) => held,
+        None if knowledge.is_some_and(|k| k.synced) => &nothing,
+        None => return None,
+    };
+    let their_side = knowledge.and_then(|k| k.side_digests.get(room));
+    let side_behind = *side != [0; 32] && their_side != Some(side);
+    let lacking = match scope {
+        PushScope::All => !held.dominates(vv),
+        PushScope::Own => held.get(me) < vv.get(me),
+    };
+    if !lacking && !side_behind {
+        return None;
+    }
+    let base = match scope {
+        PushScope::All => held.clone(),
+        PushScope::Own => own_base(vv, held, me),
+    };
+    Some((base, side_behind))
+}
+
 /// The vector to send `me`'s own events after: the peer's entry for `me` (`held`), every
 /// other replica's raised to this replica's (`vv`), so that the delta holds no one else's.
 fn own_base(vv: &VersionVector, held: &VersionVector, me: ReplicaId) -> VersionVector {
@@ -885,62 +918,32 @@ impl CrdtStore {
     /// behind. Before a full exchange with `peer`, only rooms it already reported are listed.
     pub fn rooms_behind(&self, peer: ReplicaId, limit: usize, scope: PushScope) -> Vec<(RoomId, VersionVector, bool)> {
         let me = self.inner.replica;
-        let nothing = VersionVector::new();
         let peers = lock(&self.inner.peers);
         let knowledge = peers.get(&peer);
-        let synced = knowledge.is_some_and(|k| k.synced);
         let index = lock(&self.inner.index);
-        let mut behind = Vec::new();
-        for (room, (vv, side)) in index.iter() {
-            let held = match knowledge.and_then(|k| k.rooms.get(room)) {
-                Some(held) => held,
-                None if synced => &nothing,
-                None => continue,
-            };
-            let their_side = knowledge.and_then(|k| k.side_digests.get(room));
-            let side_behind = *side != [0; 32] && their_side != Some(side);
-            let lacking = match scope {
-                PushScope::All => !held.dominates(vv),
-                PushScope::Own => held.get(me) < vv.get(me),
-            };
-            if !lacking && !side_behind {
-                continue;
-            }
-            let base = match scope {
-                PushScope::All => held.clone(),
-                PushScope::Own => own_base(vv, held, me),
-            };
-            behind.push((room.clone(), base, side_behind));
-            if behind.len() >= limit {
-                break;
-            }
-        }
-        behind
+        index
+            .iter()
+            .filter_map(|(room, (vv, side))| {
+                room_behind(knowledge, me, scope, room, vv, side).map(|(base, side)| (room.clone(), base, side))
+            })
+            .take(limit)
+            .collect()
     }
 
     /// [`CrdtStore::rooms_behind`] with [`PushScope::Own`], among `rooms` only.
     pub fn own_rooms_behind_among(&self, peer: ReplicaId, rooms: &[RoomId]) -> Vec<(RoomId, VersionVector, bool)> {
         let me = self.inner.replica;
-        let nothing = VersionVector::new();
         let peers = lock(&self.inner.peers);
         let knowledge = peers.get(&peer);
-        let synced = knowledge.is_some_and(|k| k.synced);
         let index = lock(&self.inner.index);
-        let mut behind = Vec::new();
-        for room in rooms {
-            let Some((vv, side)) = index.get(room) else { continue };
-            let held = match knowledge.and_then(|k| k.rooms.get(room)) {
-                Some(held) => held,
-                None if synced => &nothing,
-                None => continue,
-            };
-            let their_side = knowledge.and_then(|k| k.side_digests.get(room));
-            let side_behind = *side != [0; 32] && their_side != Some(side);
-            if held.get(me) < vv.get(me) || side_behind {
-                behind.push((room.clone(), own_base(vv, held, me), side_behind));
-            }
-        }
-        behind
+        rooms
+            .iter()
+            .filter_map(|room| {
+                let (vv, side) = index.get(room)?;
+                room_behind(knowledge, me, PushScope::Own, room, vv, side)
+                    .map(|(base, side)| (room.clone(), base, side))
+            })
+            .collect()
     }
 
     /// Whether `peer` seems to lack events of some other replica than this one (what a relay
