@@ -96,10 +96,17 @@ async fn a_subscriber_resumes_on_another_node_and_gets_each_missed_event_once() 
         before.push(post(&mut second, &ada, "resume", &format!("old-{i}"), AckLevel::Quorum).await.expect("post"));
     }
     // A quorum ack means two replicas hold a post: wait until the first node's does too, since
-    // a subscription's catch-up sends what its node holds.
+    // a subscription's catch-up sends what its node holds durably (history may already show an
+    // event that is still being fsynced there).
     wait_for("the first node to hold the posts", || {
         let (mut first, ada) = (first.clone(), ada.clone());
-        async move { (history(&mut first, &ada, "resume").await.ok()?.len() == 5).then_some(()) }
+        async move {
+            (history(&mut first, &ada, "resume").await.ok()?.len() == 5).then_some(())?;
+            let request = SubscribeRequest { room: "resume".into(), version_vector: None };
+            let mut stream = first.subscribe(authed(request, &ada)).await.ok()?.into_inner();
+            let caught_up = read_until_caught_up(&mut stream, &mut BTreeSet::new(), &mut BTreeMap::new()).await;
+            (caught_up.len() == 5).then_some(())
+        }
     })
     .await;
     let mut dots = BTreeSet::new();
