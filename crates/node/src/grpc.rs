@@ -564,6 +564,7 @@ impl PeerApi {
                 Some(Call::Forward(request)) => self.forward(request).await.map(Answer::Forward),
                 Some(Call::Read(request)) => self.read(request).await.map(Answer::Read),
                 Some(Call::Crdt(request)) => self.crdt(request).await.map(Answer::Crdt),
+                Some(Call::CrdtBatch(request)) => self.crdt_batch(request).await.map(Answer::Crdt),
                 Some(Call::Client(frame)) => {
                     let ops = crate::ops::Ops::new(self.node.clone());
                     crate::remote::answer(&ops, &frame).await.map(Answer::Client).map_err(Status::from)
@@ -625,6 +626,20 @@ impl PeerApi {
             crate::replication::handle(&replica.crdt, palaver_ids::NodeId(request.from), message, self.node.now_ms())
                 .await
                 .map_err(Status::internal)?;
+        let payload = keys::encode(&answer).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(pb::CrdtReply { payload })
+    }
+
+    async fn crdt_batch(&self, request: pb::CrdtBatchRequest) -> Result<pb::CrdtReply, Status> {
+        let shards: Vec<crate::replication::ShardPush> = keys::decode(&request.payload)
+            .map_err(|e| Status::invalid_argument(format!("malformed replication batch: {e}")))?;
+        let mut stores = Vec::with_capacity(shards.len());
+        for push in shards {
+            let store = self.replica_for(push.shard.0, false).await.map(|replica| replica.crdt);
+            stores.push((push, store));
+        }
+        let from = palaver_ids::NodeId(request.from);
+        let answer = crate::replication::handle_batch(stores, from, self.node.now_ms()).await;
         let payload = keys::encode(&answer).map_err(|e| Status::internal(e.to_string()))?;
         Ok(pb::CrdtReply { payload })
     }

@@ -268,6 +268,15 @@ impl Collector for NodeCollector {
             "CRDT events peer replicas sent this node that it already held",
             received_duplicate,
         )?;
+        let courier = node.replication.courier_counts();
+        counter(
+            &mut encoder,
+            "crdt_courier_calls",
+            "Calls this node's couriers sent (own CRDT changes, many shards per call)",
+            courier.calls,
+        )?;
+        counter(&mut encoder, "crdt_courier_rooms", "Rooms pushed by this node's couriers", courier.rooms)?;
+        counter(&mut encoder, "crdt_courier_events", "Events pushed by this node's couriers", courier.events)?;
         gauge(&mut encoder, "subscribers", "Client subscriptions open on this node", int(node.subscription_count()))?;
         gauge(
             &mut encoder,

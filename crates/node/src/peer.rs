@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use palaver_proto::v1::peer_service_client::PeerServiceClient;
 use palaver_proto::v1::{
-    CrdtReply, CrdtRequest, ForwardReply, ForwardRequest, LinkAnswer, LinkCall, LinkCalls, RaftMessage, ReadReply,
-    ReadRequest, link_answer, link_call, raft_reply,
+    CrdtBatchRequest, CrdtReply, CrdtRequest, ForwardReply, ForwardRequest, LinkAnswer, LinkCall, LinkCalls,
+    RaftMessage, ReadReply, ReadRequest, link_answer, link_call, raft_reply,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tonic::transport::Channel;
@@ -172,6 +172,14 @@ impl PeerLink {
     pub async fn client_op(&self, frame: Vec<u8>) -> Result<Vec<u8>, PeerError> {
         match self.call(link_call::Body::Client(frame)).await? {
             link_answer::Body::Client(bytes) => Ok(bytes),
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    /// CRDT pushes for the peer's replicas of several shards.
+    pub async fn crdt_batch(&self, request: CrdtBatchRequest) -> Result<CrdtReply, PeerError> {
+        match self.call(link_call::Body::CrdtBatch(request)).await? {
+            link_answer::Body::Crdt(reply) => Ok(reply),
             _ => Err(self.unexpected()),
         }
     }

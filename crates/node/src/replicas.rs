@@ -1,11 +1,10 @@
 //! The shard replicas a node runs, started on demand and stopped together.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
-use palaver_crdt::HlcClock;
 use palaver_ids::{NodeId, ShardId};
-use palaver_shard::{GroupCommit, KvEngine, Replica, ReplicaOptions, ShardLogStore, StartError};
+use palaver_shard::{GroupCommit, KvEngine, NodeCrdt, Replica, ReplicaOptions, ShardLogStore, StartError};
 
 use crate::peer::Peers;
 use crate::raft_network::ShardNetworkFactory;
@@ -18,7 +17,7 @@ pub struct ReplicaSet {
     group_commit: GroupCommit,
     peers: Arc<Peers>,
     options: ReplicaOptions,
-    clock: Arc<Mutex<HlcClock>>,
+    crdt: NodeCrdt,
     replicas: RwLock<BTreeMap<ShardId, Replica>>,
     starting: tokio::sync::Mutex<()>,
 }
@@ -38,7 +37,7 @@ impl ReplicaSet {
             group_commit,
             peers,
             options,
-            clock: Arc::new(Mutex::new(HlcClock::new())),
+            crdt: NodeCrdt::new(),
             replicas: RwLock::new(BTreeMap::new()),
             starting: tokio::sync::Mutex::new(()),
         }
@@ -47,6 +46,11 @@ impl ReplicaSet {
     /// This node's id.
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// What the node's CRDT stores share.
+    pub fn crdt(&self) -> &NodeCrdt {
+        &self.crdt
     }
 
     /// The shared peer links.
@@ -81,7 +85,7 @@ impl ReplicaSet {
             self.group_commit.clone(),
             network,
             self.options,
-            self.clock.clone(),
+            self.crdt.clone(),
         )
         .await?;
         tracing::debug!(node = %self.node, %shard, "replica started");

@@ -1,34 +1,46 @@
 //! CRDT replication between the replicas of each shard: pushes and anti-entropy.
 //!
-//! For every local replica and every other member of its Raft group, one task (a *pusher*)
-//! keeps that peer's copy of the shard's rooms up to date:
+//! Two kinds of task keep a peer's copies up to date:
 //!
-//! - **Push (own events).** When the shard's store changes (a durable event, a side-state
-//!   change), the pusher sends each room the peer lacks something of this replica's own
-//!   writing: the durable events this replica stamped after the peer's known version vector (at
-//!   most [`PUSH_EVENTS_PER_ROOM_MAX`] per room, [`PUSH_ROOMS_MAX`] rooms per call) and the side
-//!   state if its digest differs. The peer applies, fsyncs and answers with its copy, which the
-//!   pusher records — that record is what `quorum` acknowledgements wait on. Every replica
-//!   pushes its own writes to every peer, so a third replica's events reach the peer from that
-//!   replica; relaying them at once too would send each event to each peer twice (measured:
-//!   about as many duplicates as new events).
-//! - **Relay.** When a third replica's events arrive here, the pusher looks again
-//!   [`RELAY_GRACE_MS`] later (it does not wake for them at once). If the peer still seems to
-//!   lack some (that writer died, or a partition cut it off from the peer), it asks the peer
-//!   what it holds of those rooms (a push without events), then sends what it really lacks,
-//!   whoever wrote it.
-//! - **Anti-entropy.** At once after a failed call (so after a partition heals or a peer
-//!   restarts), and periodically, the pusher sends the peer a digest of every room's version
-//!   vector (a digest alone: nothing else crosses the wire while the two agree); if they
-//!   differ, the two exchange listings of their rooms in pages of [`SYNC_ROOMS_PER_PAGE`], and
-//!   each side then relays what the other lacks. The period starts at
-//!   [`ANTI_ENTROPY_INTERVAL_MS`] and doubles, up to [`ANTI_ENTROPY_INTERVAL_MAX_MS`], for as
-//!   long as each comparison finds the two in agreement (pushes keep them there; the digest is
-//!   the safety net), so a quiet replica's cost is not O(rooms) every second.
+//! - **The courier** (one per peer node, for every shard the two nodes share). When any local
+//!   store has own changes (a durable event this replica wrote, a side-state change), it sends
+//!   the peer, in one call for all shards, each room the peer lacks something of this
+//!   replica's own writing: the durable events this replica stamped after the peer's known
+//!   version vector (at most [`PUSH_EVENTS_PER_ROOM_MAX`] per room, [`COURIER_ROOMS_PER_CALL_MAX`]
+//!   rooms and about [`COURIER_EVENTS_PER_CALL_MAX`] events per call) and the side state if its
+//!   digest differs. The peer applies every shard's rooms, fsyncs once, and answers with its
+//!   copies, which the courier records — that record is what `quorum` acknowledgements wait on.
+//!   One call is in flight per peer node: what changes meanwhile goes in the next, so under
+//!   load a call carries many posts of many shards (one task, one fsync and one answer on the
+//!   peer for all of them). Every replica pushes its own writes to every peer, so a third
+//!   replica's events reach the peer from that replica; relaying them at once too would send
+//!   each event to each peer twice (measured: about as many duplicates as new events).
+//! - **The pusher** (one per local replica and other member of its group) does the rest, for
+//!   its shard:
+//!   - *Relay.* When a third replica's events arrive here, the pusher looks again
+//!     [`RELAY_GRACE_MS`] later (it does not wake for them at once). If the peer still seems
+//!     to lack some (that writer died, or a partition cut it off from the peer), it asks the
+//!     peer what it holds of those rooms (a push without events), then sends what it really
+//!     lacks, whoever wrote it.
+//!   - *Anti-entropy.* At once after a failed call (its own or the courier's for its shard: so
+//!     after a partition heals or a peer restarts), and periodically, the pusher sends the
+//!     peer a digest of every room's version vector (a digest alone: nothing else crosses the
+//!     wire while the two agree); if they differ, the two exchange listings of their rooms in
+//!     pages of [`SYNC_ROOMS_PER_PAGE`], and each side then relays what the other lacks. The
+//!     period starts at [`ANTI_ENTROPY_INTERVAL_MS`] and doubles, up to
+//!     [`ANTI_ENTROPY_INTERVAL_MAX_MS`], for as long as each comparison finds the two in
+//!     agreement (pushes keep them there; the digest is the safety net), so a quiet replica's
+//!     cost is not O(rooms) every second. After each exchange the courier looks at every room
+//!     of the shard again; a shard whose courier call failed is left alone until then, so a
+//!     peer that is down costs a digest per retry, not a push.
 //!
-//! Both directions run: each replica's pushers feed its peers, and a push also tells the
-//! receiver what the sender holds (which is how a replica mostly learns that a peer got a third
-//! replica's events).
+//! The courier looks only at the rooms whose own changes it has not sent yet (a cursor per
+//! shard into [`CrdtStore::changed_since`]); it scans a shard's whole index only at start,
+//! after anti-entropy and after a round that got stuck.
+//!
+//! Both directions run: each replica's couriers and pushers feed its peers, and a push also
+//! tells the receiver what the sender holds (which is how a replica mostly learns that a peer
+//! got a third replica's events).
 //!
 //! Every loop is bounded and every call has a deadline ([`CRDT_CALL_TIMEOUT_MS`]).
 
@@ -39,29 +51,36 @@ use std::time::Duration;
 use openraft::async_runtime::WatchReceiver;
 use palaver_crdt::{Event, ReplicaId, VersionVector};
 use palaver_ids::{NodeId, RoomId, ShardId};
-use palaver_proto::v1::CrdtRequest;
+use palaver_proto::v1::{CrdtBatchRequest, CrdtRequest};
 use palaver_shard::{CrdtStore, PushScope, Replica, RoomSummary, SideState, keys};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
+use crate::lock;
 use crate::node::NodeInner;
 
 /// How soon a pusher compares digests with its peer again after they differed.
 pub const ANTI_ENTROPY_INTERVAL_MS: u64 = 1_000;
 /// The longest pause between two digest comparisons while they keep agreeing.
 pub const ANTI_ENTROPY_INTERVAL_MAX_MS: u64 = 32_000;
-/// Most rooms in one push call.
+/// Most rooms in one relay call.
 pub const PUSH_ROOMS_MAX: usize = 64;
-/// Most events of one room in one push call.
+/// Most events of one room in one push.
 pub const PUSH_EVENTS_PER_ROOM_MAX: usize = 512;
-/// Most push calls in one round before the pusher yields to anti-entropy and new changes.
+/// Most relay calls in one round before the pusher yields to anti-entropy.
 pub const PUSH_CALLS_PER_ROUND_MAX: usize = 64;
+/// Most changed rooms of one shard the courier looks at per call; more wait for the next.
+pub const COURIER_CHANGED_ROOMS_MAX: usize = 4_096;
+/// Most rooms (of all shards) in one courier call.
+pub const COURIER_ROOMS_PER_CALL_MAX: usize = 256;
+/// A courier call takes no further room once it holds this many events.
+pub const COURIER_EVENTS_PER_CALL_MAX: usize = 4_096;
 /// Rooms per page of an anti-entropy listing.
 pub const SYNC_ROOMS_PER_PAGE: usize = 1_024;
 /// Deadline of one replication call.
 pub const CRDT_CALL_TIMEOUT_MS: u64 = 5_000;
-/// Pause after a failed call before the pusher tries that peer again.
+/// Pause after a failed call before the pusher or courier tries that peer again.
 pub const PUSH_RETRY_MS: u64 = 200;
 /// How long a peer may seem to lack a third replica's events before this replica relays them
 /// (after asking the peer what it holds). That replica pushes its own writes, so the gap
@@ -72,6 +91,12 @@ pub const RELAY_GRACE_MS: u64 = 1_000;
 const _: () = assert!(PUSH_RETRY_MS < ANTI_ENTROPY_INTERVAL_MS);
 const _: () = assert!(RELAY_GRACE_MS <= ANTI_ENTROPY_INTERVAL_MAX_MS);
 const _: () = assert!(ANTI_ENTROPY_INTERVAL_MS <= ANTI_ENTROPY_INTERVAL_MAX_MS);
+const _: () = assert!(COURIER_EVENTS_PER_CALL_MAX >= PUSH_EVENTS_PER_ROOM_MAX);
+// A courier call must fit a peer message: every event up to the body limit, with room to spare.
+const _: () = assert!(
+    (COURIER_EVENTS_PER_CALL_MAX + PUSH_EVENTS_PER_ROOM_MAX) * crate::limits::MESSAGE_BODY_BYTES_MAX * 2
+        <= crate::limits::PEER_MESSAGE_BYTES_MAX
+);
 
 /// One room's part of a push.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,6 +109,25 @@ pub struct RoomPush {
     pub events: Vec<Event>,
     /// The sender's side state, if the receiver's digest differs.
     pub side: Option<SideState>,
+}
+
+/// One shard's part of a courier call ([`CrdtBatchRequest`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardPush {
+    /// The shard.
+    pub shard: ShardId,
+    /// Its rooms.
+    pub rooms: Vec<RoomPush>,
+}
+
+/// The answer to one shard's part of a courier call: the receiver's copy of each pushed room,
+/// or why that shard's part failed (the others still count).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardPushed {
+    /// The shard.
+    pub shard: ShardId,
+    /// The copies, or the failure.
+    pub result: Result<Vec<RoomSummary>, String>,
 }
 
 /// A replication message between two replicas of a shard.
@@ -121,15 +165,93 @@ pub enum CrdtAnswer {
     Listing(Vec<RoomSummary>),
 }
 
-/// The pusher tasks of a node, by (shard, peer).
+/// Where the courier is in one shard's own changes for one peer.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cursor {
+    /// The change sequence number up to which the peer has been sent every own change;
+    /// `None`: look at every room of the shard next.
+    sent_upto: Option<u64>,
+    /// Bumped by the pusher when it asks for a full look (after anti-entropy), so that a round
+    /// that started before does not move the cursor past it.
+    generation: u64,
+    /// The shard's change sequence number when the peer last took nothing of a push: the
+    /// courier leaves the shard alone until it changes again or the pusher asks for a look.
+    stuck_at: Option<u64>,
+    /// A call with this shard failed: the courier leaves it alone until the pusher's
+    /// anti-entropy gets through (so a peer that is down costs a digest per retry, not pushes).
+    awaiting_sync: bool,
+}
+
+/// What the pusher of one (shard, peer) and the courier for that peer share.
+#[derive(Debug)]
+struct PeerShard {
+    replica: Replica,
+    cursor: Mutex<Cursor>,
+    /// The courier's call with this shard failed: anti-entropy now (and on retry).
+    failed: Notify,
+    /// The peer took nothing of what the courier sent for this shard: compare soon.
+    stuck: Notify,
+}
+
+impl PeerShard {
+    /// Make the courier look at every room of the shard next.
+    fn rescan(&self) {
+        let mut cursor = lock(&self.cursor);
+        cursor.sent_upto = None;
+        cursor.stuck_at = None;
+        cursor.awaiting_sync = false;
+        cursor.generation = cursor.generation.wrapping_add(1);
+    }
+}
+
+/// A running pusher.
+#[derive(Debug)]
+struct PusherTask {
+    handle: JoinHandle<()>,
+    shared: Arc<PeerShard>,
+}
+
+/// A running courier.
+#[derive(Debug)]
+struct CourierTask {
+    handle: JoinHandle<()>,
+    addr: String,
+    /// The shards the two nodes share, by shard (kept current by [`Replication::ensure_pushers`]).
+    shards: Arc<Mutex<BTreeMap<ShardId, Arc<PeerShard>>>>,
+    /// Wakes the courier (a shard was added or asked for a full look).
+    wake: Arc<Notify>,
+}
+
+/// Replication's tasks on a node: pushers by (shard, peer), couriers by peer node.
 #[derive(Debug, Default)]
 pub struct Replication {
-    tasks: Mutex<BTreeMap<(ShardId, NodeId), JoinHandle<()>>>,
+    pushers: Mutex<BTreeMap<(ShardId, NodeId), PusherTask>>,
+    couriers: Mutex<BTreeMap<NodeId, CourierTask>>,
+    stats: Arc<CourierStats>,
+}
+
+/// What the couriers sent since the node started (for `/metrics`).
+#[derive(Debug, Default)]
+pub struct CourierStats {
+    calls: std::sync::atomic::AtomicU64,
+    rooms: std::sync::atomic::AtomicU64,
+    events: std::sync::atomic::AtomicU64,
+}
+
+/// A snapshot of [`CourierStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CourierCounts {
+    /// Calls sent.
+    pub calls: u64,
+    /// Rooms pushed, over all calls.
+    pub rooms: u64,
+    /// Events pushed, over all calls.
+    pub events: u64,
 }
 
 impl Replication {
-    /// Start a pusher for every (local replica, other group member) that has none, and stop
-    /// those whose peer left the group.
+    /// Start a pusher for every (local replica, other group member) that has none, and a
+    /// courier for every peer node that has none; stop those whose peer left the group.
     pub fn ensure_pushers(&self, node: &Arc<NodeInner>, stopped: &watch::Receiver<bool>) {
         let mut wanted = BTreeMap::new();
         for replica in node.replicas.all() {
@@ -142,30 +264,88 @@ impl Replication {
                 }
             }
         }
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.retain(|key, task| {
-            let keep = wanted.contains_key(key) && !task.is_finished();
+        let mut pushers = lock(&self.pushers);
+        pushers.retain(|key, task| {
+            let keep = wanted.contains_key(key) && !task.handle.is_finished();
             if !keep {
-                task.abort();
+                task.handle.abort();
             }
             keep
         });
+        let mut addrs: BTreeMap<NodeId, String> = BTreeMap::new();
         for (key, (replica, addr)) in wanted {
-            if tasks.contains_key(&key) {
+            addrs.entry(key.1).or_insert_with(|| addr.clone());
+            if pushers.contains_key(&key) {
                 continue;
             }
-            let pusher = Pusher { node: node.clone(), replica, peer: key.1, addr, stopped: stopped.clone() };
-            tasks.insert(key, tokio::spawn(pusher.run()));
+            let shared = Arc::new(PeerShard {
+                replica,
+                cursor: Mutex::new(Cursor::default()),
+                failed: Notify::new(),
+                stuck: Notify::new(),
+            });
+            let pusher =
+                Pusher { node: node.clone(), shared: shared.clone(), peer: key.1, addr, stopped: stopped.clone() };
+            pushers.insert(key, PusherTask { handle: tokio::spawn(pusher.run()), shared });
+        }
+        let mut couriers = lock(&self.couriers);
+        couriers.retain(|peer, task| {
+            let keep = addrs.get(peer) == Some(&task.addr) && !task.handle.is_finished();
+            if !keep {
+                task.handle.abort();
+            }
+            keep
+        });
+        for (peer, addr) in addrs {
+            let task = couriers.entry(peer).or_insert_with(|| {
+                let shards = Arc::new(Mutex::new(BTreeMap::new()));
+                let wake = Arc::new(Notify::new());
+                let courier = Courier {
+                    node: node.clone(),
+                    peer,
+                    addr: addr.clone(),
+                    shards: shards.clone(),
+                    wake: wake.clone(),
+                    stats: self.stats.clone(),
+                    stopped: stopped.clone(),
+                    start: 0,
+                };
+                CourierTask { handle: tokio::spawn(courier.run()), addr, shards, wake }
+            });
+            let current: BTreeMap<ShardId, Arc<PeerShard>> = pushers
+                .iter()
+                .filter(|((_, to), _)| *to == peer)
+                .map(|((shard, _), pusher)| (*shard, pusher.shared.clone()))
+                .collect();
+            let mut shards = lock(&task.shards);
+            let changed = shards.len() != current.len()
+                || shards.iter().zip(current.iter()).any(|((a, x), (b, y))| a != b || !Arc::ptr_eq(x, y));
+            if changed {
+                *shards = current;
+                drop(shards);
+                task.wake.notify_one();
+            }
         }
     }
 
-    /// Stop every pusher and wait for them.
+    /// What the couriers sent since the node started.
+    pub fn courier_counts(&self) -> CourierCounts {
+        use std::sync::atomic::Ordering::Relaxed;
+        CourierCounts {
+            calls: self.stats.calls.load(Relaxed),
+            rooms: self.stats.rooms.load(Relaxed),
+            events: self.stats.events.load(Relaxed),
+        }
+    }
+
+    /// Stop every pusher and courier and wait for them.
     pub async fn shutdown(&self) {
-        let tasks: Vec<JoinHandle<()>> =
-            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner())).into_values().collect();
-        for task in tasks {
-            task.abort();
-            let _ = task.await;
+        let mut handles: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *lock(&self.pushers)).into_values().map(|task| task.handle).collect();
+        handles.extend(std::mem::take(&mut *lock(&self.couriers)).into_values().map(|task| task.handle));
+        for handle in handles {
+            handle.abort();
+            let _ = handle.await;
         }
     }
 }
@@ -184,16 +364,74 @@ enum Wake {
     Sync,
     /// A relay is due.
     Relay,
-    /// This replica's own events or side state changed.
-    Push,
     /// Peers' events arrived here.
     Received,
+    /// The courier's call for this shard failed.
+    CourierFailed,
+    /// The courier's push for this shard got stuck.
+    CourierStuck,
 }
 
-/// Keeps one peer's copy of one shard's rooms up to date.
+/// Frame `message` for `shard` and call the peer at `addr` with it.
+async fn call(node: &NodeInner, addr: &str, shard: ShardId, message: &CrdtMessage) -> Result<CrdtAnswer, String> {
+    let link = node.replicas.peers().link(addr).map_err(|e| e.to_string())?;
+    let payload = keys::encode(message).map_err(|e| e.to_string())?;
+    let request = CrdtRequest { shard: shard.0, from: node.id.0, payload };
+    let reply = tokio::time::timeout(Duration::from_millis(CRDT_CALL_TIMEOUT_MS), link.crdt(request))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    keys::decode(&reply.payload).map_err(|e| e.to_string())
+}
+
+/// This replica's durable copy of `room`, sent with a push so that the receiver knows what the
+/// sender holds.
+fn sender_summary(store: &CrdtStore, room: &RoomId) -> RoomSummary {
+    let sender = store.summaries(Some(room), 1).into_iter().next().filter(|s| s.room == *room);
+    sender.unwrap_or_else(|| RoomSummary {
+        room: room.clone(),
+        version_vector: VersionVector::new(),
+        side_digest: [0; 32],
+    })
+}
+
+/// The push of `room`: its durable events after `base` and, if `side_behind`, its side state.
+async fn room_push(
+    store: &CrdtStore,
+    room: RoomId,
+    base: &VersionVector,
+    side_behind: bool,
+) -> Result<RoomPush, String> {
+    let cell = store.room(&room).await.map_err(|e| e.to_string())?;
+    let events = cell.durable_delta(base, PUSH_EVENTS_PER_ROOM_MAX);
+    let side = if side_behind { Some(cell.lock().side.clone()) } else { None };
+    let sender = sender_summary(store, &room);
+    Ok(RoomPush { room, sender, events, side })
+}
+
+/// The pushes for `behind` (as [`CrdtStore::rooms_behind`] lists rooms).
+async fn pushes(store: &CrdtStore, behind: Vec<(RoomId, VersionVector, bool)>) -> Result<Vec<RoomPush>, String> {
+    let mut pushes = Vec::with_capacity(behind.len());
+    for (room, base, side_behind) in behind {
+        pushes.push(room_push(store, room, &base, side_behind).await?);
+    }
+    Ok(pushes)
+}
+
+/// Record `peer`'s copies of pushed rooms; returns whether that was news.
+fn record_copies(store: &CrdtStore, peer: ReplicaId, copies: &[RoomSummary]) -> bool {
+    let mut progressed = false;
+    for copy in copies {
+        progressed |= store.set_peer(peer, &copy.room, &copy.version_vector, copy.side_digest);
+    }
+    progressed
+}
+
+/// Keeps one peer's copy of one shard's rooms in agreement: anti-entropy and relay (the
+/// courier pushes this replica's own changes).
 struct Pusher {
     node: Arc<NodeInner>,
-    replica: Replica,
+    shared: Arc<PeerShard>,
     peer: NodeId,
     addr: String,
     stopped: watch::Receiver<bool>,
@@ -201,9 +439,8 @@ struct Pusher {
 
 impl Pusher {
     async fn run(mut self) {
-        let store = self.replica.crdt.clone();
+        let store = self.shared.replica.crdt.clone();
         let peer = ReplicaId(self.peer.0);
-        let mut changes = store.changes();
         let mut received = store.received();
         let mut sync_due = true;
         let shortest = Duration::from_millis(ANTI_ENTROPY_INTERVAL_MS);
@@ -215,11 +452,6 @@ impl Pusher {
         let mut relay_now = false;
         let mut relay_at: Option<tokio::time::Instant> = None;
         let grace = Duration::from_millis(RELAY_GRACE_MS);
-        // Whether this replica's own events or side state may have moved since the last round.
-        let mut push_due = true;
-        // The change sequence number up to which the peer has been sent every own change;
-        // `None`: look at every room (at start, after anti-entropy, after a stuck round).
-        let mut cursor: Option<u64> = None;
         loop {
             if sync_due {
                 match self.sync(&store).await {
@@ -227,10 +459,11 @@ impl Pusher {
                         sync_due = false;
                         interval = if agreed { (interval * 2).min(longest) } else { shortest };
                         next_sync = tokio::time::Instant::now() + interval;
-                        // The listing just told what the peer holds: relay what it lacks now.
+                        // The listing just told what the peer holds: relay what it lacks now,
+                        // and let the courier look at every room for own changes.
                         relay_now |= !agreed;
-                        push_due = true;
-                        cursor = None;
+                        self.shared.rescan();
+                        self.wake_courier();
                     }
                     Err(e) => {
                         interval = shortest;
@@ -238,24 +471,20 @@ impl Pusher {
                     }
                 }
             }
-            if !sync_due && (push_due || relay_now) {
-                push_due = false;
-                let relaying = relay_now;
-                let round = if relaying { self.relay(&store).await } else { self.push_own(&store, &mut cursor).await };
-                match round {
+            if !sync_due && relay_now {
+                match self.relay(&store).await {
                     Ok(Pushed::Done) => {}
                     Ok(Pushed::Stuck) => {
                         // The peer took nothing of what it seems to lack: compare soon.
-                        cursor = None;
                         interval = shortest;
                         next_sync = next_sync.min(tokio::time::Instant::now() + interval);
                     }
                     Err(e) => {
-                        tracing::debug!(shard = %store.shard(), peer = %self.peer, error = %e, "push failed");
+                        tracing::debug!(shard = %store.shard(), peer = %self.peer, error = %e, "relay failed");
                         sync_due = true;
                     }
                 }
-                if !sync_due && relaying {
+                if !sync_due {
                     relay_now = false;
                     relay_at = store.others_lacking(peer).then(|| tokio::time::Instant::now() + grace);
                 }
@@ -274,15 +503,19 @@ impl Pusher {
                 tokio::select! {
                     () = tokio::time::sleep_until(next_sync) => Wake::Sync,
                     () = relay => Wake::Relay,
-                    changed = changes.changed() => if changed.is_err() { Wake::Sync } else { Wake::Push },
+                    () = self.shared.failed.notified() => Wake::CourierFailed,
+                    () = self.shared.stuck.notified() => Wake::CourierStuck,
                     changed = received.changed() => if changed.is_err() { Wake::Sync } else { Wake::Received },
                 }
             };
             tokio::select! {
                 wake = pause => match wake {
-                    Wake::Sync => sync_due = true,
+                    Wake::Sync | Wake::CourierFailed => sync_due = true,
                     Wake::Relay => relay_now = true,
-                    Wake::Push => push_due = true,
+                    Wake::CourierStuck => {
+                        interval = shortest;
+                        next_sync = next_sync.min(tokio::time::Instant::now() + interval);
+                    }
                     // Their writer is pushing them to the peer too: no round now; look again
                     // after the grace.
                     Wake::Received => {
@@ -294,16 +527,15 @@ impl Pusher {
         }
     }
 
+    /// Tell the courier for this peer that this shard wants a full look.
+    fn wake_courier(&self) {
+        if let Some(task) = lock(&self.node.replication.couriers).get(&self.peer) {
+            task.wake.notify_one();
+        }
+    }
+
     async fn call(&self, message: &CrdtMessage) -> Result<CrdtAnswer, String> {
-        let link = self.node.replicas.peers().link(&self.addr).map_err(|e| e.to_string())?;
-        let payload = keys::encode(message).map_err(|e| e.to_string())?;
-        let request = CrdtRequest { shard: self.replica.shard.0, from: self.node.id.0, payload };
-        let call = link.crdt(request);
-        let reply = tokio::time::timeout(Duration::from_millis(CRDT_CALL_TIMEOUT_MS), call)
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        keys::decode(&reply.payload).map_err(|e| e.to_string())
+        call(&self.node, &self.addr, self.shared.replica.shard, message).await
     }
 
     /// One full anti-entropy exchange: digests, then listings page by page if they differ.
@@ -345,26 +577,26 @@ impl Pusher {
         }
     }
 
-    /// This replica's durable copy of `room`, sent with a push so that the receiver knows what
-    /// the sender holds.
-    fn sender_summary(store: &CrdtStore, room: &RoomId) -> RoomSummary {
-        let sender = store.summaries(Some(room), 1).into_iter().next().filter(|s| s.room == *room);
-        sender.unwrap_or_else(|| RoomSummary {
-            room: room.clone(),
-            version_vector: VersionVector::new(),
-            side_digest: [0; 32],
-        })
-    }
-
-    /// Push until the peer lacks nothing within `scope` (or the round's bound is reached).
-    async fn push(&self, store: &CrdtStore, scope: PushScope) -> Result<Pushed, String> {
+    /// Relay third replicas' events the peer still seems to lack. Ask first (a push without
+    /// events, answered with the peer's copy): their writers have most likely delivered them
+    /// since, and this replica's record of the peer only learns that from the peer. Then push
+    /// until the peer lacks nothing (or the round's bound is reached).
+    async fn relay(&self, store: &CrdtStore) -> Result<Pushed, String> {
         let peer = ReplicaId(self.peer.0);
+        let probes: Vec<RoomPush> = store
+            .rooms_behind(peer, PUSH_ROOMS_MAX, PushScope::All)
+            .into_iter()
+            .map(|(room, _, _)| RoomPush { sender: sender_summary(store, &room), room, events: Vec::new(), side: None })
+            .collect();
+        if !probes.is_empty() {
+            self.send_pushes(store, probes).await?;
+        }
         for _ in 0..PUSH_CALLS_PER_ROUND_MAX {
-            let behind = store.rooms_behind(peer, PUSH_ROOMS_MAX, scope);
+            let behind = store.rooms_behind(peer, PUSH_ROOMS_MAX, PushScope::All);
             if behind.is_empty() {
                 return Ok(Pushed::Done);
             }
-            let pushes = self.pushes(store, behind).await?;
+            let pushes = pushes(store, behind).await?;
             if !self.send_pushes(store, pushes).await? {
                 // The peer took nothing (a refused or conflicting event): stop instead of
                 // spinning; anti-entropy and the next change try again.
@@ -374,86 +606,228 @@ impl Pusher {
         Ok(Pushed::Done)
     }
 
-    /// Push this replica's own events and side state: of every room when `cursor` is `None`,
-    /// else of the rooms changed since `cursor` only (no scan of the shard's whole index);
-    /// moves `cursor` past what the peer now holds.
-    async fn push_own(&self, store: &CrdtStore, cursor: &mut Option<u64>) -> Result<Pushed, String> {
-        let peer = ReplicaId(self.peer.0);
-        let Some(after) = *cursor else {
-            let upto = store.change_seq();
-            let pushed = self.push(store, PushScope::Own).await?;
-            if matches!(pushed, Pushed::Done) && store.rooms_behind(peer, 1, PushScope::Own).is_empty() {
-                *cursor = Some(upto);
-            }
-            return Ok(pushed);
-        };
-        let (rooms, upto) = store.changed_since(after, PUSH_ROOMS_MAX * PUSH_CALLS_PER_ROUND_MAX);
-        for _ in 0..PUSH_CALLS_PER_ROUND_MAX {
-            let mut behind = store.own_rooms_behind_among(peer, &rooms);
-            if behind.is_empty() {
-                *cursor = Some(upto);
-                return Ok(Pushed::Done);
-            }
-            behind.truncate(PUSH_ROOMS_MAX);
-            let pushes = self.pushes(store, behind).await?;
-            if !self.send_pushes(store, pushes).await? {
-                return Ok(Pushed::Stuck);
-            }
-        }
-        // Rooms left behind: the next round looks at every room.
-        *cursor = None;
-        Ok(Pushed::Done)
-    }
-
-    /// The pushes for `behind` (as [`CrdtStore::rooms_behind`] lists rooms).
-    async fn pushes(
-        &self,
-        store: &CrdtStore,
-        behind: Vec<(RoomId, VersionVector, bool)>,
-    ) -> Result<Vec<RoomPush>, String> {
-        let mut pushes = Vec::with_capacity(behind.len());
-        for (room, base, side_behind) in behind {
-            let cell = store.room(&room).await.map_err(|e| e.to_string())?;
-            let events = cell.durable_delta(&base, PUSH_EVENTS_PER_ROOM_MAX);
-            let side = if side_behind { Some(cell.lock().side.clone()) } else { None };
-            let sender = Self::sender_summary(store, &room);
-            pushes.push(RoomPush { room, sender, events, side });
-        }
-        Ok(pushes)
-    }
-
-    /// Relay third replicas' events the peer still seems to lack. Ask first (a push without
-    /// events, answered with the peer's copy): their writers have most likely delivered them
-    /// since, and this replica's record of the peer only learns that from the peer.
-    async fn relay(&self, store: &CrdtStore) -> Result<Pushed, String> {
-        let peer = ReplicaId(self.peer.0);
-        let probes: Vec<RoomPush> = store
-            .rooms_behind(peer, PUSH_ROOMS_MAX, PushScope::All)
-            .into_iter()
-            .map(|(room, _, _)| RoomPush {
-                sender: Self::sender_summary(store, &room),
-                room,
-                events: Vec::new(),
-                side: None,
-            })
-            .collect();
-        if !probes.is_empty() {
-            self.send_pushes(store, probes).await?;
-        }
-        self.push(store, PushScope::All).await
-    }
-
     /// Send one push call and record the peer's answer; returns whether that was news.
     async fn send_pushes(&self, store: &CrdtStore, pushes: Vec<RoomPush>) -> Result<bool, String> {
-        let peer = ReplicaId(self.peer.0);
         let CrdtAnswer::Pushed(copies) = self.call(&CrdtMessage::Push(pushes)).await? else {
             return Err("unexpected answer to a push".into());
         };
-        let mut progressed = false;
-        for copy in &copies {
-            progressed |= store.set_peer(peer, &copy.room, &copy.version_vector, copy.side_digest);
+        Ok(record_copies(store, ReplicaId(self.peer.0), &copies))
+    }
+}
+
+/// One shard's state during a courier round.
+struct ShardRound {
+    shared: Arc<PeerShard>,
+    /// The cursor's generation when the round read it.
+    generation: u64,
+    /// The rooms changed since the cursor (`None`: every room of the shard).
+    rooms: Option<Vec<RoomId>>,
+    /// The change sequence number the cursor moves to once the peer holds all of `rooms`.
+    upto: u64,
+}
+
+impl ShardRound {
+    /// What the peer lacks of this replica's own writing, among the round's rooms.
+    fn behind(&self, peer: ReplicaId, limit: usize) -> Vec<(RoomId, VersionVector, bool)> {
+        let store = &self.shared.replica.crdt;
+        match &self.rooms {
+            Some(rooms) => {
+                let mut behind = store.own_rooms_behind_among(peer, rooms);
+                behind.truncate(limit);
+                behind
+            }
+            None => store.rooms_behind(peer, limit, PushScope::Own),
         }
-        Ok(progressed)
+    }
+
+    /// The peer holds every own change of the round: move the cursor, unless the pusher asked
+    /// for a full look since the round started.
+    fn finish(&self) {
+        let mut cursor = lock(&self.shared.cursor);
+        if cursor.generation == self.generation {
+            cursor.sent_upto = Some(self.upto);
+        }
+    }
+
+    /// A call with this shard failed: leave it to the pusher's anti-entropy, after which the
+    /// courier looks at every room of the shard.
+    fn fail(&self) {
+        let mut cursor = lock(&self.shared.cursor);
+        cursor.sent_upto = None;
+        cursor.awaiting_sync = true;
+        drop(cursor);
+        self.shared.failed.notify_one();
+    }
+
+    /// The peer took nothing of this shard's push: look at every room again, but only once
+    /// the shard changes again (or the pusher asks).
+    fn park(&self) {
+        let mut cursor = lock(&self.shared.cursor);
+        cursor.sent_upto = None;
+        cursor.stuck_at = Some(self.upto);
+    }
+}
+
+/// Pushes this replica's own changes of every shard it shares with one peer node, many
+/// shards per call, one call in flight.
+struct Courier {
+    node: Arc<NodeInner>,
+    peer: NodeId,
+    addr: String,
+    shards: Arc<Mutex<BTreeMap<ShardId, Arc<PeerShard>>>>,
+    wake: Arc<Notify>,
+    stats: Arc<CourierStats>,
+    stopped: watch::Receiver<bool>,
+    /// Where the next look starts among the shards, moved on by every call: when calls are
+    /// full, every shard still gets its turn at the front.
+    start: usize,
+}
+
+impl Courier {
+    async fn run(mut self) {
+        let mut changes = self.node.replicas.crdt().own_changes();
+        loop {
+            // Seen before the shards are read: a change from now on wakes the next pause.
+            changes.borrow_and_update();
+            let outcome = self.push_once().await;
+            let pause = async {
+                match outcome {
+                    // Something was sent: look again at once (more may have changed since).
+                    Ok(true) => tokio::task::yield_now().await,
+                    Ok(false) => tokio::select! {
+                        changed = changes.changed() => {
+                            if changed.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                        () = self.wake.notified() => {}
+                    },
+                    Err(e) => {
+                        tracing::debug!(peer = %self.peer, error = %e, "courier push failed");
+                        // A pusher whose anti-entropy got through wakes the courier sooner.
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(PUSH_RETRY_MS)) => {}
+                            () = self.wake.notified() => {}
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                () = pause => {}
+                _ = self.stopped.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    /// The shards with own changes the peer may lack, from their cursors.
+    fn open_shards(&self) -> Vec<ShardRound> {
+        let mut shards: Vec<Arc<PeerShard>> = lock(&self.shards).values().cloned().collect();
+        if !shards.is_empty() {
+            let start = self.start % shards.len();
+            shards.rotate_left(start);
+        }
+        shards
+            .into_iter()
+            .filter_map(|shared| {
+                let cursor = *lock(&shared.cursor);
+                let store = &shared.replica.crdt;
+                let seq = store.change_seq();
+                if cursor.awaiting_sync || cursor.stuck_at == Some(seq) {
+                    return None;
+                }
+                let (rooms, upto) = match cursor.sent_upto {
+                    Some(after) if seq == after => return None,
+                    Some(after) => {
+                        let (rooms, upto) = store.changed_since(after, COURIER_CHANGED_ROOMS_MAX);
+                        (Some(rooms), upto)
+                    }
+                    None => (None, seq),
+                };
+                Some(ShardRound { shared, generation: cursor.generation, rooms, upto })
+            })
+            .collect()
+    }
+
+    /// Send the peer, in one call, what it lacks of this replica's own changes, over every
+    /// shard (within the call's bounds); move the cursor of each shard the peer lacks nothing
+    /// of. Returns whether a call was sent. A failed call fails every shard it carried: their
+    /// pushers compare with the peer, and the courier looks at their every room next.
+    async fn push_once(&mut self) -> Result<bool, String> {
+        let peer = ReplicaId(self.peer.0);
+        let (mut call, mut batch) = (Vec::new(), Vec::new());
+        let (mut rooms, mut events) = (0usize, 0usize);
+        for shard in self.open_shards() {
+            if rooms >= COURIER_ROOMS_PER_CALL_MAX || events >= COURIER_EVENTS_PER_CALL_MAX {
+                break;
+            }
+            let behind = shard.behind(peer, COURIER_ROOMS_PER_CALL_MAX - rooms);
+            if behind.is_empty() {
+                shard.finish();
+                continue;
+            }
+            let store = &shard.shared.replica.crdt;
+            let mut shard_pushes = Vec::with_capacity(behind.len());
+            for (room, base, side_behind) in behind {
+                if events >= COURIER_EVENTS_PER_CALL_MAX {
+                    break;
+                }
+                let push = room_push(store, room, &base, side_behind).await?;
+                events += push.events.len();
+                shard_pushes.push(push);
+            }
+            rooms += shard_pushes.len();
+            batch.push(ShardPush { shard: store.shard(), rooms: shard_pushes });
+            call.push(shard);
+        }
+        if call.is_empty() {
+            return Ok(false);
+        }
+        self.start = self.start.wrapping_add(1);
+        let answers = match self.send(&batch, rooms, events).await {
+            Ok(answers) => answers,
+            Err(e) => {
+                for shard in &call {
+                    shard.fail();
+                }
+                return Err(e);
+            }
+        };
+        for shard in call {
+            let store = &shard.shared.replica.crdt;
+            let answer = answers.iter().find(|answer| answer.shard == store.shard());
+            match answer.map(|answer| &answer.result) {
+                // The cursor moves once a later look finds the peer lacking nothing.
+                Some(Ok(copies)) if record_copies(store, peer, copies) => {}
+                Some(Ok(_)) => {
+                    // The peer took nothing (a refused or conflicting event): stop instead of
+                    // spinning; anti-entropy and the shard's next change try again.
+                    shard.park();
+                    shard.shared.stuck.notify_one();
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(shard = %store.shard(), peer = %self.peer, error = %e, "courier push refused");
+                    shard.fail();
+                }
+                None => shard.fail(),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Send one courier call.
+    async fn send(&self, batch: &[ShardPush], rooms: usize, events: usize) -> Result<Vec<ShardPushed>, String> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let payload = keys::encode(&batch).map_err(|e| e.to_string())?;
+        self.stats.calls.fetch_add(1, Relaxed);
+        self.stats.rooms.fetch_add(rooms as u64, Relaxed);
+        self.stats.events.fetch_add(events as u64, Relaxed);
+        let link = self.node.replicas.peers().link(&self.addr).map_err(|e| e.to_string())?;
+        let request = CrdtBatchRequest { from: self.node.id.0, payload };
+        let reply = tokio::time::timeout(Duration::from_millis(CRDT_CALL_TIMEOUT_MS), link.crdt_batch(request))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        keys::decode(&reply.payload).map_err(|e| e.to_string())
     }
 }
 
@@ -502,21 +876,130 @@ pub async fn handle(store: &CrdtStore, from: NodeId, message: CrdtMessage, now_m
     }
 }
 
+/// Handle a courier call from `from` (the receiving side): every shard's rooms are applied and
+/// written, then fsynced once for all of them. `shards` pairs each shard's part with its
+/// store here, or why there is none; a shard that fails is answered with its error, and the
+/// others still count.
+pub async fn handle_batch(
+    shards: Vec<(ShardPush, Result<CrdtStore, String>)>,
+    from: NodeId,
+    now_ms: u64,
+) -> Vec<ShardPushed> {
+    let peer = ReplicaId(from.0);
+    let mut answers = Vec::with_capacity(shards.len());
+    let mut staged = Vec::with_capacity(shards.len());
+    let mut wrote = false;
+    for (push, store) in shards {
+        let shard = push.shard;
+        let store = match store {
+            Ok(store) => store,
+            Err(e) => {
+                answers.push(ShardPushed { shard, result: Err(e) });
+                continue;
+            }
+        };
+        let (senders, rooms): (Vec<_>, Vec<_>) = push
+            .rooms
+            .into_iter()
+            .map(|push| ((push.room.clone(), push.sender), (push.room, push.events, push.side)))
+            .unzip();
+        match store.stage_remote_rooms(rooms, now_ms).await {
+            Ok(rooms) => {
+                wrote |= rooms.wrote();
+                staged.push((shard, store, senders, rooms));
+            }
+            Err(e) => answers.push(ShardPushed { shard, result: Err(e.to_string()) }),
+        }
+    }
+    // One fsync for every shard: the stores share the node's engine and group commit.
+    let synced = match staged.first() {
+        Some((_, store, _, _)) if wrote => store.sync().await.map_err(|e| e.to_string()),
+        _ => Ok(()),
+    };
+    for (shard, store, senders, rooms) in staged {
+        let result = synced.clone().and_then(|()| store.publish_remote_rooms(rooms).map_err(|e| e.to_string()));
+        if result.is_ok() {
+            for (room, sender) in senders {
+                store.record_peer(peer, &room, &sender.version_vector, Some(sender.side_digest));
+            }
+        }
+        answers.push(ShardPushed { shard, result });
+    }
+    answers
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
-    use palaver_crdt::{EventKind, HlcClock, MessageId};
+    use palaver_crdt::{EventKind, MessageId};
     use palaver_ids::UserName;
-    use palaver_shard::{GroupCommit, KvEngine, MemEngine};
+    use palaver_shard::{GroupCommit, KvEngine, MemEngine, NodeCrdt};
 
     use super::*;
 
     fn store(replica: u64) -> CrdtStore {
         let engine: Arc<dyn KvEngine> = Arc::new(MemEngine::new());
         let group_commit = GroupCommit::start(engine.clone());
-        CrdtStore::open(ShardId(1), ReplicaId(replica), engine, group_commit, Arc::new(Mutex::new(HlcClock::new())))
-            .expect("open")
+        CrdtStore::open(ShardId(1), ReplicaId(replica), engine, group_commit, NodeCrdt::new()).expect("open")
+    }
+
+    /// The stores of `shards` on one node: one engine, one group commit, one `NodeCrdt`.
+    fn node_stores(replica: u64, shards: &[u32]) -> (NodeCrdt, Vec<CrdtStore>) {
+        let engine: Arc<dyn KvEngine> = Arc::new(MemEngine::new());
+        let group_commit = GroupCommit::start(engine.clone());
+        let node = NodeCrdt::new();
+        let stores = shards
+            .iter()
+            .map(|shard| {
+                CrdtStore::open(ShardId(*shard), ReplicaId(replica), engine.clone(), group_commit.clone(), node.clone())
+                    .expect("open")
+            })
+            .collect();
+        (node, stores)
+    }
+
+    fn post(room: &RoomId, cid: &str) -> EventKind {
+        let ada = UserName("ada".into());
+        EventKind::Post {
+            message_id: MessageId::derive(room, &ada, cid),
+            client_message_id: cid.into(),
+            body: "hi".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_courier_call_carries_many_shards_and_a_failed_shard_fails_alone() {
+        let (sender_node, senders) = node_stores(1, &[1, 2]);
+        let (_, receivers) = node_stores(2, &[1, 2]);
+        let mut own_changes = sender_node.own_changes();
+        own_changes.borrow_and_update();
+        let room = RoomId("general".into());
+        let ada = UserName("ada".into());
+        let mut batch = Vec::new();
+        for (i, sender) in senders.iter().enumerate() {
+            sender.write_local(&room, ada.clone(), post(&room, &format!("c{i}")), 1_000, None).await.expect("write");
+            let events = sender.room(&room).await.expect("room").durable_delta(&VersionVector::new(), usize::MAX);
+            let push = RoomPush { room: room.clone(), sender: sender_summary(sender, &room), events, side: None };
+            batch.push((ShardPush { shard: sender.shard(), rooms: vec![push] }, Ok(receivers[i].clone())));
+        }
+        assert!(own_changes.has_changed().expect("signal"), "a local write on any store bumps the node's signal");
+        batch.push((ShardPush { shard: ShardId(3), rooms: Vec::new() }, Err("no replica of shard 3".to_string())));
+
+        let answers = handle_batch(batch, NodeId(1), 1_000).await;
+        assert_eq!(answers.len(), 3);
+        for (i, receiver) in receivers.iter().enumerate() {
+            let answer = answers.iter().find(|a| a.shard == receiver.shard()).expect("answered");
+            let copies = answer.result.as_ref().expect("applied");
+            let held = receiver.room(&room).await.expect("room").durable();
+            assert_eq!(copies.len(), 1);
+            assert_eq!(copies[0].version_vector, held, "the answer is the durable copy");
+            assert_eq!(held.get(ReplicaId(1)), 1, "shard {} holds the sender's post", i + 1);
+            assert!(
+                receiver.rooms_behind(ReplicaId(1), 10, PushScope::All).is_empty(),
+                "the push told the receiver what the sender holds"
+            );
+        }
+        let failed = answers.iter().find(|a| a.shard == ShardId(3)).expect("answered");
+        assert_eq!(failed.result, Err("no replica of shard 3".to_string()));
     }
 
     #[tokio::test]
@@ -524,12 +1007,7 @@ mod tests {
         let (a, b) = (store(1), store(2));
         let room = RoomId("general".into());
         let ada = UserName("ada".into());
-        let kind = EventKind::Post {
-            message_id: MessageId::derive(&room, &ada, "c1"),
-            client_message_id: "c1".into(),
-            body: "hi".into(),
-        };
-        a.write_local(&room, ada, kind, 1_000, None).await.expect("write");
+        a.write_local(&room, ada, post(&room, "c1"), 1_000, None).await.expect("write");
         let answer = handle(&b, NodeId(1), CrdtMessage::Digest(a.digest()), 1_000).await.expect("digest");
         assert_eq!(answer, CrdtAnswer::Differs);
         let events = a.room(&room).await.expect("room").durable_delta(&VersionVector::new(), usize::MAX);

@@ -207,7 +207,7 @@ struct StoreInner {
     replica: ReplicaId,
     engine: Arc<dyn KvEngine>,
     group_commit: GroupCommit,
-    clock: Arc<Mutex<HlcClock>>,
+    node: NodeCrdt,
     rooms: Mutex<BTreeMap<RoomId, Arc<RoomCell>>>,
     /// Bumped on every `room` call: the clock of least-recent use.
     uses: std::sync::atomic::AtomicU64,
@@ -219,6 +219,48 @@ struct StoreInner {
     received: watch::Sender<u64>,
     acks: watch::Sender<u64>,
     received_events: ReceivedCounters,
+}
+
+/// What the CRDT stores of one node share: the node's hybrid clock, and a signal that any of
+/// them has own changes to push (what the node's couriers, one per peer node, wait on).
+#[derive(Debug, Clone)]
+pub struct NodeCrdt {
+    clock: Arc<Mutex<HlcClock>>,
+    own_changes: Arc<watch::Sender<u64>>,
+}
+
+impl Default for NodeCrdt {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NodeCrdt {
+    /// A fresh clock and signal, for one node.
+    pub fn new() -> Self {
+        Self { clock: Arc::new(Mutex::new(HlcClock::new())), own_changes: Arc::new(watch::channel(0).0) }
+    }
+
+    /// Bumped whenever any store of the node bumps its own [`CrdtStore::changes`].
+    pub fn own_changes(&self) -> watch::Receiver<u64> {
+        self.own_changes.subscribe()
+    }
+}
+
+/// A peer's events applied and written but not yet fsynced
+/// ([`CrdtStore::stage_remote_rooms`]); [`CrdtStore::publish_remote_rooms`] makes them
+/// durable once the node's group commit has fsynced.
+#[derive(Debug)]
+pub struct StagedRooms {
+    applied: Vec<(RoomId, Arc<RoomCell>, VersionVector, bool)>,
+    wrote: bool,
+}
+
+impl StagedRooms {
+    /// Whether anything was written (else no fsync is needed).
+    pub fn wrote(&self) -> bool {
+        self.wrote
+    }
 }
 
 /// The rooms whose own events or side state changed, by the sequence number of their latest
@@ -326,13 +368,13 @@ fn side_digest(side: &SideState) -> Result<[u8; 32], StorageError> {
 
 impl CrdtStore {
     /// Open the store of `shard` on this node (`replica`), loading the index of its rooms.
-    /// `clock` is the node's hybrid clock, shared by all its replicas.
+    /// `node` is what the node's stores share (its hybrid clock).
     pub fn open(
         shard: ShardId,
         replica: ReplicaId,
         engine: Arc<dyn KvEngine>,
         group_commit: GroupCommit,
-        clock: Arc<Mutex<HlcClock>>,
+        node: NodeCrdt,
     ) -> Result<Self, StorageError> {
         let mut index = BTreeMap::new();
         let from = keys::shard_prefix(shard).to_vec();
@@ -361,7 +403,7 @@ impl CrdtStore {
                 replica,
                 engine,
                 group_commit,
-                clock,
+                node,
                 rooms: Mutex::new(BTreeMap::new()),
                 uses: std::sync::atomic::AtomicU64::new(0),
                 index: Mutex::new(index),
@@ -418,6 +460,7 @@ impl CrdtStore {
             changed.by_seq.insert(seq, room.clone());
         }
         self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+        self.inner.node.own_changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The sequence number of the latest change (0: none yet).
@@ -549,7 +592,7 @@ impl CrdtStore {
             }));
         }
         let stamp = {
-            let mut clock = lock(&self.inner.clock);
+            let mut clock = lock(&self.inner.node.clock);
             state.log.stamp(&mut clock, self.inner.replica, now_ms, seen)?
         };
         let event = stamp.event(author, kind);
@@ -628,20 +671,43 @@ impl CrdtStore {
         rooms: Vec<(RoomId, Vec<Event>, Option<SideState>)>,
         now_ms: u64,
     ) -> Result<Vec<RoomSummary>, StoreError> {
+        let staged = self.stage_remote_rooms(rooms, now_ms).await?;
+        if staged.wrote() {
+            self.sync().await?;
+        }
+        self.publish_remote_rooms(staged)
+    }
+
+    /// Apply and write a peer's events and side state of many rooms, without fsyncing: the
+    /// caller fsyncs ([`CrdtStore::sync`], once for any number of stores of the node) and then
+    /// publishes them ([`CrdtStore::publish_remote_rooms`]).
+    pub async fn stage_remote_rooms(
+        &self,
+        rooms: Vec<(RoomId, Vec<Event>, Option<SideState>)>,
+        now_ms: u64,
+    ) -> Result<StagedRooms, StoreError> {
         let mut applied = Vec::with_capacity(rooms.len());
-        let mut wrote_any = false;
+        let mut wrote = false;
         for (room, events, side) in rooms {
             let cell = self.room(&room).await?;
-            let (version_vector, side_changed, wrote) =
+            let (version_vector, side_changed, wrote_room) =
                 self.apply_remote_unsynced(&room, &cell, events, side, now_ms)?;
-            wrote_any |= wrote;
+            wrote |= wrote_room;
             applied.push((room, cell, version_vector, side_changed));
         }
-        if wrote_any {
-            self.inner.group_commit.sync().await?;
-        }
-        let mut copies = Vec::with_capacity(applied.len());
-        for (room, cell, version_vector, side_changed) in applied {
+        Ok(StagedRooms { applied, wrote })
+    }
+
+    /// Fsync everything the node's engine was given so far (the node's group commit).
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        Ok(self.inner.group_commit.sync().await?)
+    }
+
+    /// Mark staged rooms durable (they must have been fsynced since they were staged) and
+    /// return this replica's copy of each, for the sender to record.
+    pub fn publish_remote_rooms(&self, staged: StagedRooms) -> Result<Vec<RoomSummary>, StoreError> {
+        let mut copies = Vec::with_capacity(staged.applied.len());
+        for (room, cell, version_vector, side_changed) in staged.applied {
             self.mark_durable(&room, &cell, &version_vector)?;
             if side_changed {
                 self.side_changed(&room, &cell)?;
@@ -675,7 +741,7 @@ impl CrdtStore {
             {
                 // A peer's stamp moves this node's clock forward; one too far ahead is
                 // applied all the same (refusing it would stop convergence) but not observed.
-                let mut clock = lock(&self.inner.clock);
+                let mut clock = lock(&self.inner.node.clock);
                 if let Err(e) = clock.observe(event.hlc, now_ms) {
                     tracing::warn!(shard = %self.inner.shard, %room, error = %e, "peer event stamped ahead");
                 }
@@ -772,7 +838,7 @@ impl CrdtStore {
 
     /// A fresh stamp from the node's clock (for presence and typing).
     pub fn tick(&self, now_ms: u64) -> Hlc {
-        lock(&self.inner.clock).tick(now_ms)
+        lock(&self.inner.node.clock).tick(now_ms)
     }
 
     /// Record that `peer` durably holds `version_vector` of `room` (and side state with
@@ -1006,8 +1072,7 @@ mod tests {
 
     fn store(engine: Arc<dyn KvEngine>, replica: u64) -> CrdtStore {
         let group_commit = GroupCommit::start(engine.clone());
-        CrdtStore::open(ShardId(1), ReplicaId(replica), engine, group_commit, Arc::new(Mutex::new(HlcClock::new())))
-            .expect("open")
+        CrdtStore::open(ShardId(1), ReplicaId(replica), engine, group_commit, NodeCrdt::new()).expect("open")
     }
 
     /// Drop the last handle of `engine` (the group-commit thread lets go of its own handle once

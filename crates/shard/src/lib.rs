@@ -43,7 +43,9 @@ pub mod state_machine;
 pub mod types;
 
 pub use command::{Command, Outcome, Refusal, RequestId, Role, RoomSettings, Visibility};
-pub use crdt_store::{CrdtStore, PushScope, ReceivedEvents, RoomCell, RoomSummary, SideState, StoreError, Written};
+pub use crdt_store::{
+    CrdtStore, NodeCrdt, PushScope, ReceivedEvents, RoomCell, RoomSummary, SideState, StagedRooms, StoreError, Written,
+};
 pub use engine::{Cf, KvEngine, MemEngine, RocksEngine, WriteBatch};
 pub use error::StorageError;
 pub use log_store::{GroupCommit, ShardLogStore};

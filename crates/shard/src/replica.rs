@@ -1,13 +1,13 @@
 //! Starting one shard replica: its Raft configuration, log store and state machine.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use openraft::network::RaftNetworkFactory;
 use openraft::{Config, SnapshotPolicy};
-use palaver_crdt::{HlcClock, ReplicaId};
+use palaver_crdt::ReplicaId;
 use palaver_ids::{NodeId, ShardId};
 
-use crate::crdt_store::CrdtStore;
+use crate::crdt_store::{CrdtStore, NodeCrdt};
 use crate::engine::KvEngine;
 use crate::error::StorageError;
 use crate::log_store::{GroupCommit, ShardLogStore};
@@ -98,7 +98,7 @@ pub enum StartError {
 
 impl Replica {
     /// Start the replica of `shard` on node `node`, restoring whatever `engine` holds for it.
-    /// `clock` is the node's hybrid clock, shared by its replicas' CRDT stores.
+    /// `crdt` is what the node's CRDT stores share (its hybrid clock, its own-changes signal).
     pub async fn start<N>(
         node: NodeId,
         shard: ShardId,
@@ -106,14 +106,14 @@ impl Replica {
         group_commit: GroupCommit,
         network: N,
         options: ReplicaOptions,
-        clock: Arc<Mutex<HlcClock>>,
+        crdt: NodeCrdt,
     ) -> Result<Self, StartError>
     where
         N: RaftNetworkFactory<TypeConfig>,
         N::Network: openraft::network::NetSnapshot<TypeConfig, SnapshotData = SnapshotData>,
     {
         let config = raft_config(options).map_err(StartError::Raft)?;
-        let crdt = CrdtStore::open(shard, ReplicaId(node.0), engine.clone(), group_commit.clone(), clock)?;
+        let crdt = CrdtStore::open(shard, ReplicaId(node.0), engine.clone(), group_commit.clone(), crdt)?;
         let log_store = ShardLogStore::new(shard, engine.clone(), group_commit);
         let state = ShardStateMachine::open(shard, engine)?;
         let raft = openraft::Raft::new(node.0, config, network, log_store, state.clone())
