@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::ReadPolicy;
+use openraft::LinearizerOption;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, LinearizableReadError, RaftError};
 use palaver_ids::{NodeId, ShardId};
@@ -33,7 +33,13 @@ pub const ROUTE_BACKOFF_MS_MIN: u64 = 20;
 /// Longest pause between attempts.
 pub const ROUTE_BACKOFF_MS_MAX: u64 = 250;
 
+/// How long a read on the leader waits for a quorum to confirm its leadership when its lease
+/// has lapsed (a quiet group, or a busy machine that delayed the heartbeats' answers): it
+/// heartbeats at once and waits this long before it fails as unavailable.
+pub const READ_QUORUM_WAIT_MS: u64 = 1_000;
+
 const _: () = assert!(ROUTE_BACKOFF_MS_MIN < ROUTE_BACKOFF_MS_MAX);
+const _: () = assert!(READ_QUORUM_WAIT_MS < crate::env::PEER_REQUEST_TIMEOUT_MS);
 const _: () = assert!(ROUTE_DEADLINE_MS > 4 * palaver_shard::replica::ELECTION_TIMEOUT_MS_MAX);
 
 /// Why the leader could not run a request here.
@@ -73,12 +79,17 @@ pub async fn execute_local(node: &NodeInner, shard: ShardId, command: Command) -
     }
 }
 
-/// Answer `query` from this node's replica of `shard`, if it is the leader and holds its lease.
+/// Answer `query` from this node's replica of `shard`, if it is the leader: at once while it
+/// holds its lease, else once a quorum confirms it (at most [`READ_QUORUM_WAIT_MS`]).
 pub async fn read_local(node: &NodeInner, shard: ShardId, query: &Query) -> Result<Answer, LocalError> {
     let Some(replica) = node.replicas.get(shard) else {
         return Err(LocalError::NotLeader(node.leader_hint(shard)));
     };
-    match replica.raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
+    // A lease read that does not fail at once when the lease has lapsed: openraft's
+    // `ReadPolicy::LeaseRead` does, which turned a heartbeat answer delayed by a busy machine
+    // into an `unavailable` for the client.
+    let option = LinearizerOption::new(None, true).with_wait_timeout(Duration::from_millis(READ_QUORUM_WAIT_MS));
+    match replica.raft.ensure_linearizable(option).await {
         Ok(_) => {}
         Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
             return Err(LocalError::NotLeader(f.leader_id.map(NodeId)));
