@@ -505,7 +505,12 @@ impl Pusher {
                     () = relay => Wake::Relay,
                     () = self.shared.failed.notified() => Wake::CourierFailed,
                     () = self.shared.stuck.notified() => Wake::CourierStuck,
-                    changed = received.changed() => if changed.is_err() { Wake::Sync } else { Wake::Received },
+                    // Only while no relay is armed: once it is, peers' events change nothing until
+                    // it fires (so a loaded shard wakes its pushers about once a second, not once
+                    // per event); what arrives meanwhile is still marked changed afterwards.
+                    changed = received.changed(), if relay_at.is_none() => {
+                        if changed.is_err() { Wake::Sync } else { Wake::Received }
+                    }
                 }
             };
             tokio::select! {

@@ -268,7 +268,12 @@ async fn typing_presence_and_read_markers_reach_subscribers_on_other_nodes() {
     // mia, on another node: online, and she read ada's message.
     let presence = SetPresenceRequest { status: PresenceStatus::Online as i32, rooms: vec!["lively".into()] };
     other.set_presence(authed(presence, &mia)).await.expect("presence");
-    let page = history(&mut other, &mia, "lively").await.expect("history");
+    // A quorum ack is durable on two replicas: node 3 may be the one still receiving it.
+    let page = wait_for("node 3 to hold ada's post", || {
+        let (mut other, mia) = (other.clone(), mia.clone());
+        async move { history(&mut other, &mia, "lively").await.ok().filter(|page| !page.is_empty()) }
+    })
+    .await;
     assert_eq!(page, vec![posted]);
     let full = other
         .history(authed(HistoryRequest { room: "lively".into(), limit: 1, ..Default::default() }, &mia))
