@@ -51,7 +51,7 @@ use std::time::Duration;
 use openraft::async_runtime::WatchReceiver;
 use palaver_crdt::{Event, ReplicaId, VersionVector};
 use palaver_ids::{NodeId, RoomId, ShardId};
-use palaver_proto::v1::{CrdtBatchRequest, CrdtRequest};
+use palaver_proto::v1::{CrdtBatchRequest, CrdtReply, CrdtRequest};
 use palaver_shard::{CrdtStore, PushScope, Replica, RoomSummary, SideState, keys};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
@@ -377,7 +377,14 @@ async fn call(node: &NodeInner, addr: &str, shard: ShardId, message: &CrdtMessag
     let link = node.replicas.peers().link(addr).map_err(|e| e.to_string())?;
     let payload = keys::encode(message).map_err(|e| e.to_string())?;
     let request = CrdtRequest { shard: shard.0, from: node.id.0, payload };
-    let reply = tokio::time::timeout(Duration::from_millis(CRDT_CALL_TIMEOUT_MS), link.crdt(request))
+    decode_reply(link.crdt(request)).await
+}
+
+/// Wait for a replication call's reply, at most [`CRDT_CALL_TIMEOUT_MS`], and decode it.
+async fn decode_reply<T: serde::de::DeserializeOwned>(
+    reply: impl std::future::Future<Output = Result<CrdtReply, crate::peer::PeerError>>,
+) -> Result<T, String> {
+    let reply = tokio::time::timeout(Duration::from_millis(CRDT_CALL_TIMEOUT_MS), reply)
         .await
         .map_err(|_| "timed out".to_string())?
         .map_err(|e| e.to_string())?;
@@ -828,11 +835,7 @@ impl Courier {
         self.stats.events.fetch_add(events as u64, Relaxed);
         let link = self.node.replicas.peers().link(&self.addr).map_err(|e| e.to_string())?;
         let request = CrdtBatchRequest { from: self.node.id.0, payload };
-        let reply = tokio::time::timeout(Duration::from_millis(CRDT_CALL_TIMEOUT_MS), link.crdt_batch(request))
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        keys::decode(&reply.payload).map_err(|e| e.to_string())
+        decode_reply(link.crdt_batch(request)).await
     }
 }
 

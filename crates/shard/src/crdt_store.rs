@@ -30,7 +30,8 @@
 //! - Gapless: on disk and in memory, a room holds exactly `R:1..=vv[R]` of every replica `R`.
 //! - A durable event is on disk (fsynced); a peer's recorded version vector only covers events
 //!   that peer reported durable.
-//! - Every change of durable state or side state bumps [`CrdtStore::changes`], which the
+//! - Every change of durable state or side state bumps [`CrdtStore::changes`] (own changes,
+//!   the node's signal) or [`CrdtStore::received`] (peers' events), which the
 //!   replication tasks and subscribers watch.
 //!
 //! ## Non-goals (for now)
@@ -214,7 +215,6 @@ struct StoreInner {
     /// Every room with events or side state, and its durable version vector and side digest.
     index: Mutex<BTreeMap<RoomId, (VersionVector, [u8; 32])>>,
     peers: Mutex<BTreeMap<ReplicaId, PeerKnowledge>>,
-    changes: watch::Sender<u64>,
     changed_rooms: Mutex<ChangedRooms>,
     received: watch::Sender<u64>,
     acks: watch::Sender<u64>,
@@ -241,7 +241,7 @@ impl NodeCrdt {
         Self { clock: Arc::new(Mutex::new(HlcClock::new())), own_changes: Arc::new(watch::channel(0).0) }
     }
 
-    /// Bumped whenever any store of the node bumps its own [`CrdtStore::changes`].
+    /// Bumped on every own change of any store of the node ([`CrdtStore::changes`]).
     pub fn own_changes(&self) -> watch::Receiver<u64> {
         self.own_changes.subscribe()
     }
@@ -395,7 +395,6 @@ impl CrdtStore {
                 }
             }
         }
-        let (changes, _) = watch::channel(0);
         let (acks, _) = watch::channel(0);
         Ok(Self {
             inner: Arc::new(StoreInner {
@@ -408,7 +407,6 @@ impl CrdtStore {
                 uses: std::sync::atomic::AtomicU64::new(0),
                 index: Mutex::new(index),
                 peers: Mutex::new(BTreeMap::new()),
-                changes,
                 changed_rooms: Mutex::new(ChangedRooms::default()),
                 received: watch::channel(0).0,
                 acks,
@@ -437,9 +435,10 @@ impl CrdtStore {
     }
 
     /// Bumped on every change this replica pushes at once: its own durable events (a local
-    /// write) and side state, in any room.
+    /// write) and side state, in any room. This is the node's signal
+    /// ([`NodeCrdt::own_changes`]): the other stores of the node bump it too.
     pub fn changes(&self) -> watch::Receiver<u64> {
-        self.inner.changes.subscribe()
+        self.inner.node.own_changes()
     }
 
     /// Bumped when peers' events (another replica's) became durable here: what a relay may
@@ -459,7 +458,6 @@ impl CrdtStore {
             }
             changed.by_seq.insert(seq, room.clone());
         }
-        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
         self.inner.node.own_changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
