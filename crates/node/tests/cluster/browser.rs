@@ -73,7 +73,8 @@ async fn two_users_chat_in_a_browser_and_a_page_survives_its_node() {
     bob.fill_login("bob", "password-of-bob").await;
     bob.click("login-submit").await;
     bob.wait_visible("chat-view").await;
-    assert_eq!(bob.eval("q('whoami').textContent").await, json!("bob"));
+    // The header renders on the next tick after the view switches: wait for it.
+    bob.wait("the header to name bob", "q('whoami').textContent === 'bob'").await;
 
     // ---- ada creates a room, bob joins it by id ----
     ada.type_into("create-room-id", "lounge").await;
