@@ -1,8 +1,9 @@
 //! Subscriptions on a node that holds no replica of the room's shard: one upstream feed per
 //! room per node, fanned out to every local subscriber of the room.
 //!
-//! **The feed** ([`Feed`]) follows the room on one replica (`PeerService.Follow`, resumed from
-//! what the feed holds if the replica goes away: another replica is tried, with backoff) and
+//! **The feed** ([`Feed`]) follows the room on one replica (on the node's one `FollowRooms`
+//! stream to that replica, [`crate::follow`]; resumed from what the feed holds if the replica
+//! goes away: another replica is tried, with backoff) and
 //! keeps the last [`FEED_BUFFER_EVENTS`] events in a buffer, each numbered. It tracks `vv`,
 //! what it received, and `base`: every message event not in the buffer is in `base` (the
 //! start point, plus what was evicted). It lives while local subscribers hold it; the last one
@@ -34,6 +35,7 @@ use tonic::Status;
 
 use crate::convert;
 use crate::error::ApiError;
+use crate::follow::FollowLinks;
 use crate::lock;
 use crate::node::NodeInner;
 use crate::ops::Ops;
@@ -51,6 +53,8 @@ pub const FEED_RETRY_MS_MAX: u64 = 2_000;
 #[derive(Debug, Default)]
 pub struct Feeds {
     rooms: Mutex<BTreeMap<RoomId, Weak<Feed>>>,
+    /// The streams the feeds follow their rooms on, one per peer.
+    pub links: FollowLinks,
 }
 
 impl Feeds {
@@ -106,6 +110,13 @@ pub struct Feed {
     _stop: watch::Sender<()>,
 }
 
+impl Feed {
+    /// The room it follows.
+    pub fn room(&self) -> &RoomId {
+        &self.room
+    }
+}
+
 /// The feed of `room` on `node`, opened if none is.
 fn feed_of(node: &Arc<NodeInner>, room: &RoomId, have: &VersionVector) -> Arc<Feed> {
     let mut rooms = lock(&node.feeds.rooms);
@@ -127,40 +138,51 @@ fn feed_of(node: &Arc<NodeInner>, room: &RoomId, have: &VersionVector) -> Arc<Fe
 async fn upstream(node: Arc<NodeInner>, feed: Weak<Feed>, mut stopped: watch::Receiver<()>) {
     let mut backoff_ms = FEED_RETRY_MS_MIN;
     loop {
-        let Some(held) = feed.upgrade() else { return };
-        let room = held.room.clone();
-        let have = lock(&held.state).vv.clone();
-        drop(held);
-        let stream = tokio::select! {
-            stream = follow_stream(&node, &room, &have) => stream,
-            _ = stopped.changed() => return,
-        };
-        match stream {
-            Ok(mut stream) => loop {
-                let next = tokio::select! {
-                    next = stream.message() => next,
-                    _ = stopped.changed() => return,
-                };
-                let Some(held) = feed.upgrade() else { return };
-                match next {
-                    Ok(Some(event)) => {
-                        backoff_ms = FEED_RETRY_MS_MIN;
-                        take(&held, event);
-                    }
-                    Ok(None) => break,
-                    Err(status) if status.code() == tonic::Code::FailedPrecondition => {
-                        // The room is gone: its followers end as a replica's would.
-                        lock(&held.state).ended = Some(status);
-                        held.changed.send_modify(|n| *n += 1);
-                        return;
-                    }
-                    Err(status) => {
-                        tracing::debug!(%room, error = %status.message(), "feed upstream ended; reconnecting");
-                        break;
-                    }
+        let Some(room) = feed.upgrade().map(|held| held.room.clone()) else { return };
+        let shard = node.ring.shard_of_room(&room);
+        let route = crate::directory::resolve_shard(&node, shard).await;
+        let mut last = format!("no replica of shard {shard} known");
+        let mut served = false;
+        for target in route.replicas.iter().copied().filter(|id| *id != node.id) {
+            let Some(addr) = crate::directory::node_addr(&node, target).await else { continue };
+            let Some(held) = feed.upgrade() else { return };
+            let have = lock(&held.state).vv.clone();
+            let following = node.feeds.links.follow(&node, &addr, &held, &have);
+            drop(held);
+            let mut following = match following {
+                Ok(following) => following,
+                Err(reason) => {
+                    node.directory.cache.node_failed(shard, target);
+                    last = format!("node {target}: {reason}");
+                    continue;
                 }
-            },
-            Err(reason) => tracing::debug!(%room, %reason, "feed upstream unavailable"),
+            };
+            let ended = tokio::select! {
+                ended = &mut following.ended => ended,
+                _ = stopped.changed() => return,
+            };
+            let Ok(ended) = ended else { continue };
+            if ended.status.code() == tonic::Code::FailedPrecondition {
+                // The room is gone: its followers end as a replica's would.
+                if let Some(held) = feed.upgrade() {
+                    lock(&held.state).ended = Some(ended.status);
+                    held.changed.send_modify(|n| *n += 1);
+                }
+                return;
+            }
+            if ended.received {
+                tracing::debug!(%room, error = %ended.status.message(), "feed upstream ended; reconnecting");
+                served = true;
+                break;
+            }
+            node.directory.cache.node_failed(shard, target);
+            last = format!("node {target}: {}", ended.status.message());
+        }
+        if served {
+            backoff_ms = FEED_RETRY_MS_MIN;
+        } else {
+            node.directory.cache.invalidate(shard);
+            tracing::debug!(%room, reason = %last, "feed upstream unavailable");
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(backoff_ms)) => {}
@@ -171,7 +193,7 @@ async fn upstream(node: Arc<NodeInner>, feed: Weak<Feed>, mut stopped: watch::Re
 }
 
 /// Add one upstream event to the feed.
-fn take(feed: &Feed, event: pb::RoomEvent) {
+pub(crate) fn take(feed: &Feed, event: pb::RoomEvent) {
     let mut state = lock(&feed.state);
     match &event.event {
         Some(Event::Message(message)) => {

@@ -795,6 +795,17 @@ impl PeerService for PeerApi {
         Ok(Response::new(ops.follow(&request.room, have).await?))
     }
 
+    type FollowRoomsStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::FollowEvents, Status>> + Send>>;
+
+    async fn follow_rooms(
+        &self,
+        request: Request<tonic::Streaming<pb::FollowControl>>,
+    ) -> Result<Response<Self::FollowRoomsStream>, Status> {
+        let ops = crate::ops::Ops::new(self.node.clone());
+        let events = crate::follow::serve(ops, request.into_inner(), self.stopped.clone());
+        Ok(Response::new(Box::pin(until_stopped(events, self.stopped.clone()))))
+    }
+
     async fn local_status(
         &self,
         _request: Request<pb::LocalStatusRequest>,

@@ -49,6 +49,7 @@ pub mod dispatch;
 pub mod env;
 pub mod error;
 pub mod feed;
+pub mod follow;
 pub mod grpc;
 pub mod http;
 pub mod limits;

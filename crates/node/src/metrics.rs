@@ -277,6 +277,20 @@ impl Collector for NodeCollector {
         )?;
         counter(&mut encoder, "crdt_courier_rooms", "Rooms pushed by this node's couriers", courier.rooms)?;
         counter(&mut encoder, "crdt_courier_events", "Events pushed by this node's couriers", courier.events)?;
+        let follows = node.feeds.links.counts();
+        counter(
+            &mut encoder,
+            "feed_upstream_messages",
+            "Messages this node's feeds received on their follow streams (many rooms per message)",
+            follows.messages,
+        )?;
+        counter(&mut encoder, "feed_upstream_events", "Events in them", follows.events)?;
+        gauge(
+            &mut encoder,
+            "follow_streams_open",
+            "FollowRooms streams this node's feeds use (one per peer, shared by every room followed there)",
+            int(node.feeds.links.open() as u64),
+        )?;
         gauge(&mut encoder, "subscribers", "Client subscriptions open on this node", int(node.subscription_count()))?;
         gauge(
             &mut encoder,

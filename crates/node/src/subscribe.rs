@@ -120,6 +120,19 @@ impl Ops {
     /// Another node's feed of `room`, resuming after `have` (no user: that node checks its own
     /// subscribers).
     pub async fn follow(&self, room: &str, have: VersionVector) -> Result<EventStream, ApiError> {
+        let (sender, receiver) = mpsc::channel(SUBSCRIPTION_QUEUE_EVENTS);
+        tokio::spawn(self.follow_into(room, have, sender)?);
+        Ok(tokio_stream::wrappers::ReceiverStream::new(receiver))
+    }
+
+    /// Another node's feed of `room`, resuming after `have`, delivering into `sink`; the
+    /// returned task serves it.
+    pub fn follow_into<S: EventSink>(
+        &self,
+        room: &str,
+        have: VersionVector,
+        sink: S,
+    ) -> Result<SubscriptionTask, ApiError> {
         let room = limits::room_id(room)?;
         let shard = self.node().ring.shard_of_room(&room);
         let replica = self.local_replica(&room).ok_or_else(|| ApiError::Unavailable {
@@ -127,10 +140,8 @@ impl Ops {
             reason: format!("node {} holds no replica of shard {shard}", self.node().id),
         })?;
         let applied = replica.state.watch_applied();
-        let (sender, receiver) = mpsc::channel(SUBSCRIPTION_QUEUE_EVENTS);
-        let subscription = Subscription { node: self.node().clone(), replica, room, user: None, have, sender };
-        tokio::spawn(subscription.run(applied));
-        Ok(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        let subscription = Subscription { node: self.node().clone(), replica, room, user: None, have, sender: sink };
+        Ok(Box::pin(subscription.run(applied)))
     }
 }
 

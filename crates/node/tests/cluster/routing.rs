@@ -69,6 +69,17 @@ async fn read_messages(
     bodies
 }
 
+/// The value of `palaver_<name>` (a gauge, or a counter's `_total`) in node `i`'s `/metrics`.
+async fn metric(cluster: &TestCluster, i: usize, name: &str) -> u64 {
+    let url = format!("http://{}/metrics", cluster.nodes[i].http);
+    let text = reqwest::get(url).await.expect("metrics").text().await.expect("metrics text");
+    let (gauge, counter) = (format!("palaver_{name} "), format!("palaver_{name}_total "));
+    text.lines()
+        .find_map(|line| line.strip_prefix(&gauge).or_else(|| line.strip_prefix(&counter)))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in {text}"))
+}
+
 async fn routes_of(cluster: &TestCluster, i: usize) -> palaver_proto::v1::RouteCounters {
     cluster.status_from(i).await.routes.expect("route counters")
 }
@@ -160,6 +171,27 @@ async fn five_nodes_serve_a_room_from_nodes_that_hold_none_of_it() {
     let e_node = e_status.nodes.iter().find(|n| n.grpc_addr == cluster.nodes[e].addr).expect("node e");
     assert_eq!(e_node.feeds_open, 1, "one upstream feed per room per node, not per subscriber");
     drop(second);
+    // A second room of the same shard: its feed on e follows the same replica on the same
+    // stream as the first room's (one stream per node pair, not per room).
+    let ring = ShardRing::new(SHARDS);
+    let sibling = (0..1000)
+        .map(|n| format!("near-{n}"))
+        .find(|name| ring.shard_of_room(&RoomId(name.clone())).0 == shard)
+        .expect("another room of the shard");
+    at_e.create_room(authed(CreateRoomRequest { room: sibling.clone(), ..Default::default() }, &bob))
+        .await
+        .expect("create the sibling room");
+    let request = SubscribeRequest { room: sibling.clone(), version_vector: None };
+    let mut sibling_stream = at_e.subscribe(authed(request, &bob)).await.expect("subscribe").into_inner();
+    post(&mut at_e, &bob, &sibling, "near-0", AckLevel::Quorum).await.expect("post");
+    let mut sibling_vector = std::collections::BTreeMap::new();
+    assert_eq!(read_messages(&mut sibling_stream, &mut sibling_vector, 1).await, ["near-0"]);
+    let e_status = cluster.status_from(e).await;
+    let e_node = e_status.nodes.iter().find(|n| n.grpc_addr == cluster.nodes[e].addr).expect("node e");
+    assert_eq!(e_node.feeds_open, 2);
+    assert_eq!(metric(&cluster, e, "follow_streams_open").await, 1, "both feeds share one stream");
+    assert!(metric(&cluster, e, "feed_upstream_events").await >= 4, "the feeds' events came on it");
+    drop(sibling_stream);
     let edit = EditRequest { room: room.clone(), message_id: ids[0].clone(), body: "far-0!".into(), ack: 0 };
     at_e.edit(authed(edit, &ada)).await.expect("edit");
     let react =
@@ -213,6 +245,14 @@ async fn five_nodes_serve_a_room_from_nodes_that_hold_none_of_it() {
 
     // Kill the node e's cached route names as the shard's leader: the next writes re-resolve.
     let leader = cluster.leader_of(shard).await;
+    // A feed follows the first replica of its route that serves it: the one f's feed is on.
+    let followed = {
+        let seen = cluster.status_from(f).await;
+        let record = seen.shards.iter().find(|s| s.shard == shard).and_then(|s| s.directory.clone()).expect("record");
+        let f_id = seen.nodes.iter().find(|n| n.grpc_addr == cluster.nodes[f].addr).expect("node f").node_id;
+        let first = record.replicas.iter().copied().find(|id| *id != f_id).expect("a replica");
+        cluster.index_of(&seen, first)
+    };
     let before = routes_of(&cluster, e).await;
     cluster.kill(leader).await;
     let dave = user(&mut at_e, "dave").await;
@@ -222,6 +262,16 @@ async fn five_nodes_serve_a_room_from_nodes_that_hold_none_of_it() {
     assert!(after.corrections > before.corrections, "the stale route was corrected: {before:?} -> {after:?}");
     assert!(after.epoch_hints > before.epoch_hints, "a replica's newer epoch replaced the route: {after:?}");
     assert!(after.cache_hits > before.cache_hits, "routes come from the cache: {after:?}");
+    // Kill the replica f's feed follows too (if the leader was not it): Bob's subscription on f
+    // lives on, its feed moved to the last replica (its stream to the dead node broke) and
+    // resumed from what it held. One replica is left, so the post asks for ack `one`.
+    if followed != leader {
+        cluster.kill(followed).await;
+    }
+    post(&mut at_e, &dave, &room, "one-left", AckLevel::One).await.expect("post with one replica left");
+    let mut last = read_messages(&mut stream, &mut version_vector, 2).await;
+    last.sort();
+    assert_eq!(last, ["after-kill", "one-left"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
