@@ -537,12 +537,12 @@ impl PeerApi {
         self.node.replicas.ensure(shard).await.map_err(|e| e.to_string())
     }
 
-    /// Answer `call` on `answers`, then give its in-flight permit back.
+    /// Answer `call` on `answers`, then give its in-flight permit back (if it holds one).
     async fn answer_to(
         &self,
         call: pb::LinkCall,
         answers: &mpsc::Sender<pb::LinkAnswer>,
-        permit: OwnedSemaphorePermit,
+        permit: Option<OwnedSemaphorePermit>,
     ) {
         let body = self.answer(call.body).await;
         let _ = answers.send(pb::LinkAnswer { id: call.id, body: Some(body) }).await;
@@ -690,34 +690,45 @@ impl PeerService for PeerApi {
         let limit = Arc::new(Semaphore::new(LINK_CALLS_IN_FLIGHT_MAX));
         tokio::spawn(async move {
             // Raft messages of one shard run one after another, in the order they came: openraft
-            // replicates as if over one ordered stream per group and peer. Every other call runs
-            // on its own, so a slow one (a forwarded command waiting for its commit) holds up
-            // nothing. The caller keeps at most LINK_CALLS_IN_FLIGHT_MAX outstanding; so does
-            // this side.
+            // replicates as if over one ordered stream per group and peer; each group has a task
+            // of its own. Every other call runs concurrently with the rest on this task (a slow
+            // one, a forwarded command waiting for its commit, holds up nothing): no task spawned
+            // and woken per call. The caller keeps at most LINK_CALLS_IN_FLIGHT_MAX outstanding;
+            // so does this side.
             let mut groups: HashMap<u32, mpsc::UnboundedSender<GroupCall>> = HashMap::new();
+            let mut running = futures::stream::FuturesUnordered::new();
             loop {
                 let frame = tokio::select! {
-                    frame = incoming.message() => frame,
+                    Some(()) = running.next(), if !running.is_empty() => continue,
+                    frame = incoming.message(), if running.len() < LINK_CALLS_IN_FLIGHT_MAX => frame,
                     _ = stopping.wait_for(|stop| *stop) => return,
                 };
-                let Ok(Some(frame)) = frame else { return };
+                let Ok(Some(frame)) = frame else { break };
                 for call in frame.calls {
-                    let Ok(permit) = limit.clone().acquire_owned().await else { return };
-                    let (api, answers) = (api.clone(), answers.clone());
                     let Some(pb::link_call::Body::Raft(message)) = &call.body else {
-                        tokio::spawn(async move { api.answer_to(call, &answers, permit).await });
+                        let (api, answers) = (api.clone(), answers.clone());
+                        running.push(async move { api.answer_to(call, &answers, None).await });
                         continue;
                     };
+                    let Ok(permit) = limit.clone().acquire_owned().await else { return };
                     let group = groups.entry(message.shard).or_insert_with(|| {
                         let (queue, mut next) = mpsc::unbounded_channel::<GroupCall>();
+                        let (api, answers) = (api.clone(), answers.clone());
                         tokio::spawn(async move {
                             while let Some((call, permit)) = next.recv().await {
-                                api.answer_to(call, &answers, permit).await;
+                                api.answer_to(call, &answers, Some(permit)).await;
                             }
                         });
                         queue
                     });
                     let _ = group.send((call, permit));
+                }
+            }
+            // The caller closed its side: what runs still answers.
+            loop {
+                tokio::select! {
+                    next = running.next() => if next.is_none() { return },
+                    _ = stopping.wait_for(|stop| *stop) => return,
                 }
             }
         });

@@ -491,14 +491,13 @@ async fn a_subscription_resumes_from_its_version_vector() {
     assert_eq!(back.ok("authenticate", json!({"token": token})).await["user"], "rae");
     let sub = back.send("subscribe", json!({"room": "log", "version_vector": vv})).await;
     back.answer(sub).await.expect("resubscribed");
+    // Node 1 may be the replica that the quorum acks did not wait for: what it lacks still
+    // comes, after `caught_up`, as live events.
     let mut resumed = Vec::new();
-    loop {
+    while resumed.len() < 3 {
         let frame = back.event(sub).await;
         if frame["event"]["kind"] == "message" {
             resumed.push(frame["event"]["message"]["body"].as_str().unwrap_or_default().to_owned());
-        }
-        if frame["event"]["kind"] == "caught_up" {
-            break;
         }
     }
     assert_eq!(resumed, vec!["late 0", "late 1", "late 2"], "exactly what it missed");

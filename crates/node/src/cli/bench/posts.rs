@@ -58,6 +58,9 @@ enum Attach {
     /// Only nodes that hold none (every operation takes the extra hop to a replica; needs at
     /// least 4 nodes).
     NonReplica,
+    /// `replica`, then `non-replica`, each round, on the same cluster and users; prints what
+    /// the hop costs (needs at least 4 nodes).
+    Compare,
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +97,10 @@ pub struct PostsBenchArgs {
     /// Which nodes posting users and subscribers attach to.
     #[arg(long, value_enum, default_value_t = Attach::Any)]
     attach: Attach,
+    /// Rounds of runs (each round runs every `--in-flight` value, and with `--attach compare`
+    /// both attachments); with more than one, medians are printed at the end.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 /// For each room, the nodes (indexes into `addrs`) its clients may attach to.
@@ -190,6 +197,9 @@ struct Deliveries {
     caught_up: AtomicUsize,
     /// Streams that broke and were resumed.
     resumed: AtomicU64,
+    /// Per subscription (index): its version vector, kept when its subscriber moves to
+    /// another node (`--attach compare`).
+    have: Vec<Mutex<BTreeMap<u64, u64>>>,
 }
 
 /// The key of a post: its user and sequence number.
@@ -229,7 +239,7 @@ async fn follow(
     deliveries: Arc<Deliveries>,
 ) {
     let mut client = ChatServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
-    let mut have: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut have = deliveries.have.get(index).map(|slot| lock(slot).clone()).unwrap_or_default();
     let mut first = true;
     loop {
         let request = SubscribeRequest {
@@ -261,6 +271,9 @@ async fn follow(
                     if let Some(position) = &event.position {
                         let counter = have.entry(position.replica).or_default();
                         *counter = (*counter).max(position.counter);
+                        if let Some(slot) = deliveries.have.get(index) {
+                            lock(slot).insert(position.replica, *counter);
+                        }
                     }
                     if event.kind != MessageEventKind::Posted as i32 {
                         continue;
@@ -271,7 +284,7 @@ async fn follow(
                     let latency_us =
                         u32::try_from((epoch.elapsed().as_micros() as u64).saturating_sub(sent_us)).unwrap_or(u32::MAX);
                     if let Some(slot) = deliveries.received.get(index) {
-                        slot.lock().unwrap_or_else(|p| p.into_inner()).entry(run).or_default().push((key, latency_us));
+                        lock(slot).entry(run).or_default().push((key, latency_us));
                     }
                     if u64::from(run) == deliveries.run.load(Ordering::Relaxed) {
                         deliveries.count.fetch_add(1, Ordering::Relaxed);
@@ -283,6 +296,10 @@ async fn follow(
         deliveries.resumed.fetch_add(1, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Run `f` over `items` with at most [`SETUP_IN_FLIGHT_MAX`] in flight.
@@ -328,7 +345,14 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         }
     })
     .await?;
-    let attach = attachable(&cluster.addrs, &rooms, args.attach).await?;
+    let modes = match args.attach {
+        Attach::Compare => vec![Attach::Replica, Attach::NonReplica],
+        one => vec![one],
+    };
+    let mut attachments = Vec::with_capacity(modes.len());
+    for mode in &modes {
+        attachments.push(attachable(&cluster.addrs, &rooms, *mode).await?);
+    }
     let members: Vec<(String, Vec<String>, usize)> = (0..args.users)
         .map(|u| (format!("bp-{run_id}-{u}"), vec![rooms[u % rooms.len()].clone()], u % nodes))
         .chain((0..args.subscribers).map(|k| (format!("bs-{run_id}-{k}"), rooms.clone(), k % nodes)))
@@ -348,43 +372,20 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
     })
     .await?;
 
-    // Subscriptions, caught up before the first run.
     let epoch = Instant::now();
-    let mut connections = Connections::new(&cluster.addrs);
     let subscriptions = args.subscribers * rooms.len();
     let deliveries = Arc::new(Deliveries {
         received: (0..subscriptions).map(|_| Mutex::new(HashMap::new())).collect(),
+        have: (0..subscriptions).map(|_| Mutex::new(BTreeMap::new())).collect(),
         ..Default::default()
     });
-    let mut followers = Vec::new();
-    for k in 0..args.subscribers {
-        let token = tokens[args.users + k].clone();
-        for (r, room) in rooms.iter().enumerate() {
-            let channel = connections.for_stream(attach[r][k % attach[r].len()])?;
-            let task = follow(channel, token.clone(), room.clone(), k * rooms.len() + r, epoch, deliveries.clone());
-            followers.push(tokio::spawn(task));
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while deliveries.caught_up.load(Ordering::Relaxed) < subscriptions {
-        anyhow::ensure!(Instant::now() < deadline, "subscriptions did not catch up within 60 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    // Posting users' pipelines.
-    let mut posters = Vec::with_capacity(args.users);
-    for (u, token) in tokens.iter().take(args.users).enumerate() {
-        let room = u % rooms.len();
-        let node = attach[room][(u / rooms.len()) % attach[room].len()];
-        let client = ChatServiceClient::new(connections.for_stream(node)?);
-        posters.push(Poster {
-            user: u32::try_from(u)?,
-            room: rooms[u % rooms.len()].clone(),
-            pipeline: Pipeline::open(client, token).await?,
-            next_post_at: Instant::now(),
-        });
-    }
-
+    let mut followers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut posters: Vec<Poster> = Vec::with_capacity(args.users);
+    let mut attached: Option<usize> = None;
+    let runs: Vec<(usize, usize)> = (0..args.rounds.max(1))
+        .flat_map(|_| (0..modes.len()).flat_map(|mode| args.in_flight.iter().map(move |n| (mode, *n))))
+        .collect();
+    let mut results: Vec<RunResult> = Vec::with_capacity(runs.len());
     println!(
         "{:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>7} {:>14} {:>14}",
         "in-flight",
@@ -400,8 +401,48 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         "bench cpu µs/p"
     );
     let mut sequence = 0u32;
-    for (run, &in_flight) in args.in_flight.iter().enumerate() {
+    for (run, &(mode, in_flight)) in runs.iter().enumerate() {
         let run = u32::try_from(run)? + 1;
+        if attached != Some(mode) {
+            // (Re)attach the subscribers, caught up before the run, and the posting users.
+            attached = Some(mode);
+            let attach = &attachments[mode];
+            for follower in followers.drain(..) {
+                follower.abort();
+            }
+            deliveries.caught_up.store(0, Ordering::Relaxed);
+            let mut connections = Connections::new(&cluster.addrs);
+            for k in 0..args.subscribers {
+                let token = tokens[args.users + k].clone();
+                for (r, room) in rooms.iter().enumerate() {
+                    let channel = connections.for_stream(attach[r][k % attach[r].len()])?;
+                    let task =
+                        follow(channel, token.clone(), room.clone(), k * rooms.len() + r, epoch, deliveries.clone());
+                    followers.push(tokio::spawn(task));
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while deliveries.caught_up.load(Ordering::Relaxed) < subscriptions {
+                anyhow::ensure!(Instant::now() < deadline, "subscriptions did not catch up within 60 s");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let next_post_at: Vec<Instant> = posters.iter().map(|p| p.next_post_at).collect();
+            posters.clear();
+            for (u, token) in tokens.iter().take(args.users).enumerate() {
+                let room = u % rooms.len();
+                let node = attach[room][(u / rooms.len()) % attach[room].len()];
+                let client = ChatServiceClient::new(connections.for_stream(node)?);
+                posters.push(Poster {
+                    user: u32::try_from(u)?,
+                    room: rooms[u % rooms.len()].clone(),
+                    pipeline: Pipeline::open(client, token).await?,
+                    next_post_at: next_post_at.get(u).copied().unwrap_or_else(Instant::now),
+                });
+            }
+            if modes.len() > 1 {
+                println!("-- attach {}", attach_name(modes[mode]));
+            }
+        }
         let in_flight = in_flight.clamp(1, posters.len());
         deliveries.run.store(u64::from(run), Ordering::Relaxed);
         deliveries.count.store(0, Ordering::Relaxed);
@@ -484,7 +525,7 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         for k in 0..args.subscribers {
             for (r, _) in rooms.iter().enumerate() {
                 let slot = &deliveries.received[k * rooms.len() + r];
-                let got = slot.lock().unwrap_or_else(|p| p.into_inner()).remove(&run).unwrap_or_default();
+                let got = lock(slot).remove(&run).unwrap_or_default();
                 let mut seen = HashSet::with_capacity(got.len());
                 for (key, latency_us) in got {
                     if seen.insert(key) {
@@ -501,6 +542,14 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         delivery_latencies.sort();
         // Per acknowledged post, the deliveries to subscribers included.
         let [node_cpu, bench_cpu] = cpu.per(&cluster, latencies.len());
+        results.push(RunResult {
+            mode,
+            in_flight,
+            posts_per_s: latencies.len() as f64 / elapsed,
+            ack_p50_ms: quantile_ms(&latencies, 0.50),
+            delivery_p50_ms: quantile_ms(&delivery_latencies, 0.50),
+            node_cpu_us: node_cpu.parse().ok(),
+        });
         println!(
             "{:>9} {:>9.0} {:>9.2} {:>9.2} {:>10.0} {:>10.2} {:>10.2} {:>8} {:>7} {:>14} {:>14}",
             in_flight,
@@ -522,6 +571,7 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
             println!("          {duplicates} deliveries of a post a subscriber already had");
         }
     }
+    summarize(&results, &modes, &args.in_flight, args.rounds);
     let resumed = deliveries.resumed.load(Ordering::Relaxed);
     if resumed > 0 {
         println!("          {resumed} subscription streams broke and were resumed");
@@ -534,9 +584,88 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One run's figures, for the summary.
+#[derive(Debug, Clone, Copy)]
+struct RunResult {
+    /// Index into the attachments compared.
+    mode: usize,
+    in_flight: usize,
+    posts_per_s: f64,
+    ack_p50_ms: f64,
+    delivery_p50_ms: f64,
+    node_cpu_us: Option<f64>,
+}
+
+fn attach_name(attach: Attach) -> &'static str {
+    match attach {
+        Attach::Any => "any",
+        Attach::Replica => "replica",
+        Attach::NonReplica => "non-replica",
+        Attach::Compare => "compare",
+    }
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
+/// Medians per attachment and in-flight value over the rounds; with two attachments, what the
+/// second costs against the first, per round and as the median of those rounds.
+fn summarize(results: &[RunResult], modes: &[Attach], in_flights: &[usize], rounds: usize) {
+    if rounds <= 1 && modes.len() <= 1 {
+        return;
+    }
+    for &in_flight in in_flights {
+        let of = |mode: usize| -> Vec<RunResult> {
+            results.iter().copied().filter(|r| r.mode == mode && r.in_flight == in_flight).collect()
+        };
+        for (mode, attach) in modes.iter().enumerate() {
+            let runs = of(mode);
+            let posts = median(runs.iter().map(|r| r.posts_per_s).collect()).unwrap_or(0.0);
+            let ack = median(runs.iter().map(|r| r.ack_p50_ms).collect()).unwrap_or(0.0);
+            let delivery = median(runs.iter().map(|r| r.delivery_p50_ms).collect()).unwrap_or(0.0);
+            let cpu = median(runs.iter().filter_map(|r| r.node_cpu_us).collect())
+                .map_or_else(|| "-".to_owned(), |cpu| format!("{cpu:.0}"));
+            println!(
+                "median of {} (attach {}, {in_flight} in flight): {posts:.0} posts/s, ack p50 {ack:.2} ms, \
+                 delivery p50 {delivery:.2} ms, node cpu {cpu} µs/post",
+                runs.len(),
+                attach_name(*attach),
+            );
+        }
+        if modes.len() == 2 {
+            let (near, far) = (of(0), of(1));
+            let pairs: Vec<(RunResult, RunResult)> = near.into_iter().zip(far).collect();
+            let cost: Vec<f64> =
+                pairs.iter().map(|(n, f)| 100.0 * (1.0 - f.posts_per_s / n.posts_per_s.max(1.0))).collect();
+            let ack: Vec<f64> = pairs.iter().map(|(n, f)| f.ack_p50_ms - n.ack_p50_ms).collect();
+            let rounds: Vec<String> = cost.iter().map(|c| format!("{c:.0}%")).collect();
+            println!(
+                "the hop ({in_flight} in flight): median {:.1}% of throughput (rounds: {}), ack p50 +{:.2} ms",
+                median(cost.clone()).unwrap_or(0.0),
+                rounds.join(", "),
+                median(ack).unwrap_or(0.0),
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
 
     #[test]
     fn a_body_carries_its_run_time_and_key() {
