@@ -322,26 +322,28 @@ impl ChatService for ChatApi {
         let mut incoming = request.into_inner();
         let (replies, outgoing) = mpsc::channel::<Result<pb::PipelineReply, Status>>(PIPELINE_IN_FLIGHT_MAX);
         let ops = self.ops.clone();
-        let limit = Arc::new(Semaphore::new(PIPELINE_IN_FLIGHT_MAX));
         let mut stopping = self.stopped.clone();
         tokio::spawn(async move {
+            // Requests run concurrently on this task (at most PIPELINE_IN_FLIGHT_MAX), not on
+            // a task spawned and woken for each.
+            let mut running = futures::stream::FuturesUnordered::new();
             loop {
                 let next = tokio::select! {
-                    next = incoming.message() => next,
+                    Some(()) = running.next(), if !running.is_empty() => continue,
+                    next = incoming.message(), if running.len() < PIPELINE_IN_FLIGHT_MAX => next,
                     _ = stopping.wait_for(|stop| *stop) => return,
                 };
                 let request = match next {
                     Ok(Some(request)) => request,
-                    Ok(None) => return,
+                    Ok(None) => break,
                     Err(status) => {
                         // A malformed frame ends the stream with its status; the node goes on.
                         let _ = replies.send(Err(status)).await;
                         return;
                     }
                 };
-                let Ok(permit) = limit.clone().acquire_owned().await else { return };
                 let (ops, replies, token) = (ops.clone(), replies.clone(), token.clone());
-                tokio::spawn(async move {
+                running.push(async move {
                     let started = std::time::Instant::now();
                     let op = request.op.as_ref().map_or("none", dispatch::pipeline_op_name);
                     let result = match ops.authenticate(Some(&token)) {
@@ -352,8 +354,14 @@ impl ChatService for ChatApi {
                     let result =
                         result.unwrap_or_else(|e| pb::pipeline_reply::Result::Error(dispatch::pipeline_error(&e)));
                     let _ = replies.send(Ok(pb::PipelineReply { id: request.id, result: Some(result) })).await;
-                    drop(permit);
                 });
+            }
+            // The client closed its side: what runs still answers.
+            loop {
+                tokio::select! {
+                    next = running.next() => if next.is_none() { return },
+                    _ = stopping.wait_for(|stop| *stop) => return,
+                }
             }
         });
         let replies = tokio_stream::wrappers::ReceiverStream::new(outgoing);
