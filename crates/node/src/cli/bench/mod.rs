@@ -141,11 +141,66 @@ fn authed<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
     Ok(request)
 }
 
+/// [`authed`], failing as a status (for [`setup_call`]).
+fn authed_status<T>(message: T, token: &str) -> Result<tonic::Request<T>, tonic::Status> {
+    authed(message, token).map_err(|e| tonic::Status::invalid_argument(e.to_string()))
+}
+
 /// Register `user` (if new) and log in: its token.
 async fn login(client: &mut ChatServiceClient<Channel>, user: &str) -> anyhow::Result<String> {
     let password = "bench-password".to_string();
-    let _ = client.register(RegisterRequest { user: user.into(), password: password.clone() }).await;
-    Ok(client.login(LoginRequest { user: user.into(), password }).await?.into_inner().token)
+    let register = RegisterRequest { user: user.into(), password: password.clone() };
+    // Registered already (a rerun on the same cluster) is fine.
+    let _ = setup_call("register", || {
+        let (mut client, request) = (client.clone(), register.clone());
+        async move { client.register(request).await }
+    })
+    .await;
+    let request = LoginRequest { user: user.into(), password };
+    let reply = setup_call("login", || {
+        let (mut client, request) = (client.clone(), request.clone());
+        async move { client.login(request).await }
+    })
+    .await?;
+    Ok(reply.into_inner().token)
+}
+
+/// Most attempts of one setup call.
+pub const SETUP_ATTEMPTS: u32 = 8;
+
+/// A setup call, tried again (after 100 ms, doubling up to 2 s) while the cluster answers that
+/// it cannot serve it just now: `unavailable` (a shard between leaders, a lease lapsed under
+/// load) or `resource_exhausted` (the password-hashing queue is full). Other errors end it.
+async fn setup_call<T, F, Fut>(what: &str, call: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    retry_while_busy(what, Duration::from_millis(100), call).await
+}
+
+/// [`setup_call`] with the first wait given.
+async fn retry_while_busy<T, F, Fut>(what: &str, first_wait: Duration, mut call: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let mut wait = first_wait;
+    let mut attempt = 1;
+    loop {
+        match call().await {
+            Ok(value) => return Ok(value),
+            Err(status)
+                if attempt < SETUP_ATTEMPTS
+                    && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted) =>
+            {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+                attempt += 1;
+            }
+            Err(status) => anyhow::bail!("{what}: {} ({:?})", status.message(), status.code()),
+        }
+    }
 }
 
 /// CPU time process `pid` (or `self`) has used, user and system, every thread, in seconds.
@@ -223,5 +278,36 @@ impl Pipeline {
                 return reply.result.ok_or_else(|| "empty reply".into());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Calls to a fake that answers `codes` in turn, then `Ok(())`.
+    async fn calls_until_done(codes: &[tonic::Code]) -> (anyhow::Result<()>, usize) {
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let result = retry_while_busy("call", Duration::from_millis(1), || {
+            let n = calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let answer = codes.get(n).map_or(Ok(()), |code| Err(tonic::Status::new(*code, "no")));
+            async move { answer }
+        })
+        .await;
+        (result, calls.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    #[tokio::test]
+    async fn setup_calls_retry_only_while_the_cluster_is_busy() {
+        use tonic::Code::{PermissionDenied, ResourceExhausted, Unavailable};
+        let (result, calls) = calls_until_done(&[Unavailable, ResourceExhausted]).await;
+        assert!(result.is_ok());
+        assert_eq!(calls, 3);
+        let (result, calls) = calls_until_done(&[PermissionDenied]).await;
+        assert!(result.is_err(), "a refusal is not retried");
+        assert_eq!(calls, 1);
+        let (result, calls) = calls_until_done(&[Unavailable; 20]).await;
+        assert!(result.is_err(), "it gives up");
+        assert_eq!(calls, SETUP_ATTEMPTS as usize);
     }
 }

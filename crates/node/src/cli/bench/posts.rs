@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::{Args, ValueEnum};
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::{
@@ -29,7 +28,7 @@ use palaver_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use super::{Cluster, ClusterArgs, CpuMeter, Pipeline, authed, login, quantile_ms};
+use super::{Cluster, ClusterArgs, CpuMeter, Pipeline, authed, authed_status, login, quantile_ms, setup_call};
 
 /// Most gRPC streams the bench opens on one connection (servers cap concurrent streams).
 pub const STREAMS_PER_CONNECTION_MAX: usize = 100;
@@ -334,13 +333,15 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
     let rooms: Vec<String> = (0..args.rooms).map(|i| format!("posts-{run_id}-{i}")).collect();
     println!("setup: {} rooms, {} posting users, {} subscribers", args.rooms, args.users, args.subscribers);
     bounded(rooms.clone(), |room| {
-        let mut client = setup.clone();
+        let client = setup.clone();
         let owner = owner.clone();
         async move {
-            client
-                .create_room(authed(CreateRoomRequest { room: room.clone(), ..Default::default() }, &owner)?)
-                .await
-                .with_context(|| format!("create {room}"))?;
+            let request = CreateRoomRequest { room: room.clone(), ..Default::default() };
+            setup_call(&format!("create {room}"), || {
+                let (mut client, request) = (client.clone(), authed_status(request.clone(), &owner));
+                async move { client.create_room(request?).await }
+            })
+            .await?;
             anyhow::Ok(())
         }
     })
@@ -362,10 +363,12 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         async move {
             let token = login(&mut client, &user).await?;
             for room in rooms {
-                client
-                    .join(authed(RoomRequest { room: room.clone() }, &token)?)
-                    .await
-                    .with_context(|| format!("{user} joins {room}"))?;
+                setup_call(&format!("{user} joins {room}"), || {
+                    let request = authed_status(RoomRequest { room: room.clone() }, &token);
+                    let mut client = client.clone();
+                    async move { client.join(request?).await }
+                })
+                .await?;
             }
             anyhow::Ok(token)
         }

@@ -7,14 +7,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::Args;
 use palaver_proto::v1::admin_service_client::AdminServiceClient;
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::{CreateRoomRequest, RoomRequest, StatusRequest, pipeline_reply, pipeline_request};
 use tonic::transport::Channel;
 
-use super::{Cluster, ClusterArgs, CpuMeter, Pipeline, authed, login, quantile_ms};
+use super::{Cluster, ClusterArgs, CpuMeter, Pipeline, authed, authed_status, login, quantile_ms, setup_call};
 
 #[derive(Debug, Args)]
 pub struct RaftBenchArgs {
@@ -51,10 +50,12 @@ pub async fn run(args: RaftBenchArgs) -> anyhow::Result<()> {
     let run_id = std::process::id();
     let rooms: Vec<String> = (0..args.rooms).map(|i| format!("bench-{run_id}-{i}")).collect();
     for room in &rooms {
-        setup
-            .create_room(authed(CreateRoomRequest { room: room.clone(), ..Default::default() }, &owner)?)
-            .await
-            .with_context(|| format!("create {room}"))?;
+        let request = CreateRoomRequest { room: room.clone(), ..Default::default() };
+        setup_call(&format!("create {room}"), || {
+            let (mut client, request) = (setup.clone(), authed_status(request.clone(), &owner));
+            async move { client.create_room(request?).await }
+        })
+        .await?;
     }
     // Which node (index into `channels`) leads each room's shard, for --to-leader.
     let leader_of_room: Vec<usize> = if args.to_leader { leaders_of(&addrs, &rooms).await? } else { Vec::new() };
