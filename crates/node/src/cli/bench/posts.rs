@@ -57,8 +57,8 @@ enum Attach {
     /// Only nodes that hold none (every operation takes the extra hop to a replica; needs at
     /// least 4 nodes).
     NonReplica,
-    /// `replica`, then `non-replica`, each round, on the same cluster and users; prints what
-    /// the hop costs (needs at least 4 nodes).
+    /// `replica` and `non-replica` in turns (ABBA over the rounds) on the same cluster and
+    /// users; prints what the hop costs (needs at least 4 nodes).
     Compare,
 }
 
@@ -385,8 +385,14 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
     let mut followers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mut posters: Vec<Poster> = Vec::with_capacity(args.users);
     let mut attached: Option<usize> = None;
+    // Compared attachments alternate ABBA (every other round starts with the second), so that
+    // the host's drift over a long run (other tenants' load) does not favour either.
     let runs: Vec<(usize, usize)> = (0..args.rounds.max(1))
-        .flat_map(|_| (0..modes.len()).flat_map(|mode| args.in_flight.iter().map(move |n| (mode, *n))))
+        .flat_map(|round| {
+            let order: Vec<usize> =
+                if round % 2 == 1 { (0..modes.len()).rev().collect() } else { (0..modes.len()).collect() };
+            order.into_iter().flat_map(|mode| args.in_flight.iter().map(move |n| (mode, *n)))
+        })
         .collect();
     let mut results: Vec<RunResult> = Vec::with_capacity(runs.len());
     println!(
