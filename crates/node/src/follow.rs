@@ -32,7 +32,7 @@ use crate::node::NodeInner;
 use crate::ops::Ops;
 use crate::subscribe::{EventSink, Gone};
 
-/// Events queued on one stream (both sides) before its follows wait for the network.
+/// Events queued on one stream (the replica's side) before its follows wait for the network.
 pub const FOLLOW_STREAM_QUEUE_EVENTS: usize = 1_024;
 /// Most events in one `FollowEvents` message.
 pub const FOLLOW_EVENTS_PER_MESSAGE_MAX: usize = 256;
