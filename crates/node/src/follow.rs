@@ -165,18 +165,28 @@ pub struct FollowCounts {
     pub events: u64,
 }
 
+/// What the streams received so far, shared with their reader tasks.
+#[derive(Debug, Default)]
+struct Received {
+    messages: AtomicU64,
+    events: AtomicU64,
+}
+
 /// This node's `FollowRooms` streams, one per peer address.
 #[derive(Debug, Default)]
 pub struct FollowLinks {
     links: Mutex<HashMap<String, Arc<FollowLink>>>,
-    messages: AtomicU64,
-    events: AtomicU64,
+    received: Arc<Received>,
 }
 
 impl FollowLinks {
     /// What the streams received so far.
     pub fn counts(&self) -> FollowCounts {
-        FollowCounts { messages: self.messages.load(Ordering::Relaxed), events: self.events.load(Ordering::Relaxed) }
+        let received = &self.received;
+        FollowCounts {
+            messages: received.messages.load(Ordering::Relaxed),
+            events: received.events.load(Ordering::Relaxed),
+        }
     }
 
     /// How many of the streams are open.
@@ -202,7 +212,7 @@ impl FollowLinks {
         let client = node.replicas.peers().link(addr).map_err(|e| e.to_string())?.client();
         let (control, requests) = mpsc::unbounded_channel();
         let link = Arc::new(FollowLink { control, state: Mutex::new(LinkState::default()) });
-        tokio::spawn(run(Arc::downgrade(node), link.clone(), client, node.id.0, requests));
+        tokio::spawn(run(self.received.clone(), link.clone(), client, node.id.0, requests));
         links.insert(addr.to_owned(), link.clone());
         link.start(feed, have).ok_or_else(|| format!("the follow stream to {addr} closed at once"))
     }
@@ -297,7 +307,7 @@ impl FollowLink {
 /// Open the stream, send the follows started and stopped on it, hand what arrives to the
 /// feeds, until it breaks.
 async fn run(
-    node: Weak<NodeInner>,
+    received: Arc<Received>,
     link: Arc<FollowLink>,
     mut client: palaver_proto::v1::peer_service_client::PeerServiceClient<tonic::transport::Channel>,
     from: u64,
@@ -325,11 +335,8 @@ async fn run(
             loop {
                 match incoming.message().await {
                     Ok(Some(message)) => {
-                        if let Some(node) = node.upgrade() {
-                            let links = &node.feeds.links;
-                            links.messages.fetch_add(1, Ordering::Relaxed);
-                            links.events.fetch_add(message.events.len() as u64, Ordering::Relaxed);
-                        }
+                        received.messages.fetch_add(1, Ordering::Relaxed);
+                        received.events.fetch_add(message.events.len() as u64, Ordering::Relaxed);
                         link.take(message);
                     }
                     Ok(None) => break "the follow stream ended".to_owned(),

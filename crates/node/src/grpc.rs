@@ -357,12 +357,7 @@ impl ChatService for ChatApi {
                 });
             }
             // The client closed its side: what runs still answers.
-            loop {
-                tokio::select! {
-                    next = running.next() => if next.is_none() { return },
-                    _ = stopping.wait_for(|stop| *stop) => return,
-                }
-            }
+            finish(&mut running, &mut stopping).await;
         });
         let replies = tokio_stream::wrappers::ReceiverStream::new(outgoing);
         Ok(Response::new(Box::pin(until_stopped(replies, self.stopped.clone()))))
@@ -513,6 +508,17 @@ fn local_status(node: &NodeInner) -> pb::LocalStatusReply {
 
 /// A Raft message waiting for its group's turn on a link, with its in-flight permit.
 type GroupCall = (pb::LinkCall, OwnedSemaphorePermit);
+
+/// Run what is left in `running` to its end, or until the node stops.
+async fn finish<F: Future<Output = ()>>(
+    running: &mut futures::stream::FuturesUnordered<F>,
+    stopping: &mut watch::Receiver<bool>,
+) {
+    tokio::select! {
+        () = async { while running.next().await.is_some() {} } => {}
+        _ = stopping.wait_for(|stop| *stop) => {}
+    }
+}
 
 /// `stream`, ended as soon as the node stops, so that graceful shutdown does not wait on it.
 fn until_stopped<S: futures::Stream>(
@@ -733,12 +739,7 @@ impl PeerService for PeerApi {
                 }
             }
             // The caller closed its side: what runs still answers.
-            loop {
-                tokio::select! {
-                    next = running.next() => if next.is_none() { return },
-                    _ = stopping.wait_for(|stop| *stop) => return,
-                }
-            }
+            finish(&mut running, &mut stopping).await;
         });
         let frames = futures::stream::unfold(outgoing, |mut outgoing| async move {
             let answers = next_batch(&mut outgoing, LINK_CALLS_PER_FRAME_MAX).await?;

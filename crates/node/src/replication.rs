@@ -855,14 +855,9 @@ pub async fn handle(store: &CrdtStore, from: NodeId, message: CrdtMessage, now_m
     let peer = ReplicaId(from.0);
     match message {
         CrdtMessage::Push(pushes) => {
-            let (senders, rooms): (Vec<_>, Vec<_>) = pushes
-                .into_iter()
-                .map(|push| ((push.room.clone(), push.sender), (push.room, push.events, push.side)))
-                .unzip();
+            let (senders, rooms) = split_pushes(pushes);
             let copies = store.apply_remote_rooms(rooms, now_ms).await.map_err(|e| e.to_string())?;
-            for (room, sender) in senders {
-                store.record_peer(peer, &room, &sender.version_vector, Some(sender.side_digest));
-            }
+            record_senders(store, peer, senders);
             Ok(CrdtAnswer::Pushed(copies))
         }
         CrdtMessage::Digest(digest) => {
@@ -881,6 +876,20 @@ pub async fn handle(store: &CrdtStore, from: NodeId, message: CrdtMessage, now_m
                 .collect();
             Ok(CrdtAnswer::Listing(listing))
         }
+    }
+}
+
+/// A push's rooms to apply, and what the sender holds of each.
+type SplitPushes = (Vec<(RoomId, RoomSummary)>, Vec<(RoomId, Vec<Event>, Option<SideState>)>);
+
+fn split_pushes(pushes: Vec<RoomPush>) -> SplitPushes {
+    pushes.into_iter().map(|push| ((push.room.clone(), push.sender), (push.room, push.events, push.side))).unzip()
+}
+
+/// Record what the sender of a push holds of each room (once its rooms are durable here).
+fn record_senders(store: &CrdtStore, peer: ReplicaId, senders: Vec<(RoomId, RoomSummary)>) {
+    for (room, sender) in senders {
+        store.record_peer(peer, &room, &sender.version_vector, Some(sender.side_digest));
     }
 }
 
@@ -906,11 +915,7 @@ pub async fn handle_batch(
                 continue;
             }
         };
-        let (senders, rooms): (Vec<_>, Vec<_>) = push
-            .rooms
-            .into_iter()
-            .map(|push| ((push.room.clone(), push.sender), (push.room, push.events, push.side)))
-            .unzip();
+        let (senders, rooms) = split_pushes(push.rooms);
         match store.stage_remote_rooms(rooms, now_ms).await {
             Ok(rooms) => {
                 wrote |= rooms.wrote();
@@ -927,9 +932,7 @@ pub async fn handle_batch(
     for (shard, store, senders, rooms) in staged {
         let result = synced.clone().and_then(|()| store.publish_remote_rooms(rooms).map_err(|e| e.to_string()));
         if result.is_ok() {
-            for (room, sender) in senders {
-                store.record_peer(peer, &room, &sender.version_vector, Some(sender.side_digest));
-            }
+            record_senders(&store, peer, senders);
         }
         answers.push(ShardPushed { shard, result });
     }

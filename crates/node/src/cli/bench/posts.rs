@@ -238,13 +238,11 @@ async fn follow(
     deliveries: Arc<Deliveries>,
 ) {
     let mut client = ChatServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
-    let mut have = deliveries.have.get(index).map(|slot| lock(slot).clone()).unwrap_or_default();
+    let Some(have) = deliveries.have.get(index) else { return };
     let mut first = true;
     loop {
-        let request = SubscribeRequest {
-            room: room.clone(),
-            version_vector: Some(VersionVector { entries: have.iter().map(|(r, c)| (*r, *c)).collect() }),
-        };
+        let entries = lock(have).iter().map(|(r, c)| (*r, *c)).collect();
+        let request = SubscribeRequest { room: room.clone(), version_vector: Some(VersionVector { entries }) };
         let stream = match authed(request, &token) {
             Ok(request) => client.subscribe(request).await,
             Err(_) => return,
@@ -268,11 +266,9 @@ async fn follow(
                 }
                 Some(room_event::Event::Message(event)) => {
                     if let Some(position) = &event.position {
+                        let mut have = lock(have);
                         let counter = have.entry(position.replica).or_default();
                         *counter = (*counter).max(position.counter);
-                        if let Some(slot) = deliveries.have.get(index) {
-                            lock(slot).insert(position.replica, *counter);
-                        }
                     }
                     if event.kind != MessageEventKind::Posted as i32 {
                         continue;
