@@ -193,6 +193,7 @@ pub async fn reconcile_once(node: &Arc<NodeInner>) {
         let node = node.clone();
         let addrs = addrs.clone();
         tokio::spawn(async move {
+            crate::quiesce::wake_for_write(&node, &replica).await;
             let result = change_voters(&replica, &voters, &wanted, &addrs).await;
             if let Err(e) = result {
                 tracing::info!(%shard, error = %e, "membership change did not finish; will retry");

@@ -482,6 +482,7 @@ fn local_status(node: &NodeInner) -> pb::LocalStatusReply {
                 last_log_index: metrics.last_log_index.unwrap_or(0),
                 snapshot_index: metrics.snapshot.as_ref().map_or(0, |id| id.index),
                 state: state.to_owned(),
+                asleep: node.quiesce.is_asleep(replica.shard),
             };
             pb::ShardStatus {
                 shard: replica.shard.0,
@@ -579,6 +580,7 @@ impl PeerApi {
                 Some(Call::Read(request)) => self.read(request).await.map(Answer::Read),
                 Some(Call::Crdt(request)) => self.crdt(request).await.map(Answer::Crdt),
                 Some(Call::CrdtBatch(request)) => self.crdt_batch(request).await.map(Answer::Crdt),
+                Some(Call::Beat(beat)) => Ok(Answer::Beat(self.node.quiesce.on_beat(&self.node, &beat))),
                 Some(Call::Client(frame)) => {
                     let ops = crate::ops::Ops::new(self.node.clone());
                     crate::remote::answer(&ops, &frame).await.map(Answer::Client).map_err(Status::from)

@@ -22,6 +22,7 @@
 //! - [`replication`]: CRDT pushes and anti-entropy between the replicas of each shard.
 //! - [`convert`]: protobuf conversions.
 //! - [`grpc`]: the tonic services; [`peer`], [`raft_network`]: node-to-node traffic.
+//! - [`quiesce`]: idle Raft groups sleep; one beat per node pair stands in for their heartbeats.
 //! - [`http`]: the web page, WebSocket gateway, HTTP API, `/metrics`; [`metrics`]: what it
 //!   serves.
 //! - [`auth`], [`limits`], [`error`]: passwords and tokens, input limits, error codes.
@@ -59,6 +60,7 @@ pub mod node;
 pub mod ops;
 pub mod peer;
 pub mod query;
+pub mod quiesce;
 pub mod raft_network;
 pub mod remote;
 pub mod replicas;

@@ -291,6 +291,19 @@ impl Collector for NodeCollector {
             "FollowRooms streams this node's feeds use (one per peer, shared by every room followed there)",
             int(node.feeds.links.open() as u64),
         )?;
+        gauge(
+            &mut encoder,
+            "raft_groups_asleep",
+            "Local replicas whose Raft timer is stopped: idle groups kept by one beat per node pair",
+            int(node.quiesce.asleep_count() as u64),
+        )?;
+        counter(&mut encoder, "raft_beats_sent", "Beats this node sent its peers", node.quiesce.beats_sent())?;
+        counter(
+            &mut encoder,
+            "raft_leader_silence_wakes",
+            "Sleeping groups this node woke because their leader's node stopped beating",
+            node.quiesce.silence_wakes(),
+        )?;
         gauge(&mut encoder, "subscribers", "Client subscriptions open on this node", int(node.subscription_count()))?;
         gauge(
             &mut encoder,

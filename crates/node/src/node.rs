@@ -117,6 +117,8 @@ pub struct NodeInner {
     pub http_addr: Option<String>,
     /// Request counters and latency histograms of the client surfaces.
     pub metrics: crate::metrics::Metrics,
+    /// Idle Raft groups asleep, led and followed.
+    pub quiesce: Arc<crate::quiesce::Quiesce>,
     /// Random per start: with `request_seq`, identifies the commands this node submits.
     request_boot: u64,
     request_seq: std::sync::atomic::AtomicU64,
@@ -345,6 +347,7 @@ impl Node {
             feeds: crate::feed::Feeds::default(),
             http_addr,
             metrics: crate::metrics::Metrics::default(),
+            quiesce: Arc::default(),
             request_boot,
             request_seq: std::sync::atomic::AtomicU64::new(0),
             view: RwLock::new(ClusterView::default()),
@@ -358,6 +361,7 @@ impl Node {
             tracing::info!(node = %inner.id, %addr, "HTTP surface listening");
             tasks.push(tokio::spawn(crate::http::serve(inner.clone(), listener, options, stopped.clone())));
         }
+        tasks.push(tokio::spawn(crate::quiesce::run(inner.clone(), stopped.clone())));
         tasks.push(tokio::spawn(reconcile_loop(inner.clone(), stopped)));
         tracing::info!(node = %inner.id, addr = %inner.advertise_addr, "node started");
         Ok(Node { inner, stop, tasks, local_addr })

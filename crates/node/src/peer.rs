@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use palaver_proto::v1::peer_service_client::PeerServiceClient;
 use palaver_proto::v1::{
-    CrdtBatchRequest, CrdtReply, CrdtRequest, ForwardReply, ForwardRequest, LinkAnswer, LinkCall, LinkCalls,
-    RaftMessage, ReadReply, ReadRequest, link_answer, link_call, raft_reply,
+    Beat, BeatReply, CrdtBatchRequest, CrdtReply, CrdtRequest, ForwardReply, ForwardRequest, LinkAnswer, LinkCall,
+    LinkCalls, RaftMessage, ReadReply, ReadRequest, link_answer, link_call, raft_reply,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tonic::transport::Channel;
@@ -180,6 +180,14 @@ impl PeerLink {
     pub async fn crdt_batch(&self, request: CrdtBatchRequest) -> Result<CrdtReply, PeerError> {
         match self.call(link_call::Body::CrdtBatch(request)).await? {
             link_answer::Body::Crdt(reply) => Ok(reply),
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    /// This node's beat for the idle groups it leads with replicas on the peer.
+    pub async fn beat(&self, beat: Beat) -> Result<BeatReply, PeerError> {
+        match self.call(link_call::Body::Beat(beat)).await? {
+            link_answer::Body::Beat(reply) => Ok(reply),
             _ => Err(self.unexpected()),
         }
     }

@@ -65,6 +65,7 @@ pub async fn execute_local(node: &NodeInner, shard: ShardId, command: Command) -
     let Some(replica) = node.replicas.get(shard) else {
         return Err(LocalError::NotLeader(node.leader_hint(shard)));
     };
+    crate::quiesce::wake_for_write(node, &replica).await;
     match replica.raft.client_write(command).await {
         Ok(response) => Ok(Committed { outcome: response.data, log_index: response.log_id.index }),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {

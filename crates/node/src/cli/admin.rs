@@ -74,7 +74,7 @@ fn status_json(status: &StatusResponse) -> serde_json::Value {
             "replicas": s.replicas.iter().map(|r| serde_json::json!({
                 "node_id": r.node_id, "state": r.state, "term": r.term, "leader": r.leader,
                 "last_applied_index": r.last_applied_index, "last_log_index": r.last_log_index,
-                "snapshot_index": r.snapshot_index,
+                "snapshot_index": r.snapshot_index, "asleep": r.asleep,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
@@ -97,10 +97,12 @@ fn status_table(status: &StatusResponse) -> String {
             node.peer_id
         );
     }
-    let _ = writeln!(out, "\nSHARD  VOTERS        LEADER  TERM  APPLIED  DHT RECORD (replicas/leader/epoch)");
+    let _ = writeln!(out, "\nSHARD  VOTERS        LEADER  TERM  APPLIED  ASLEEP  DHT RECORD (replicas/leader/epoch)");
     for shard in &status.shards {
         let voters = shard.voters.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
         let leader = if shard.leader == 0 { "-".to_string() } else { shard.leader.to_string() };
+        // Replicas with their Raft timer stopped, of those that answered.
+        let asleep = format!("{}/{}", shard.replicas.iter().filter(|r| r.asleep).count(), shard.replicas.len());
         let record = match &shard.directory {
             Some(d) if d.found => {
                 let replicas = d.replicas.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
@@ -110,8 +112,8 @@ fn status_table(status: &StatusResponse) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<6} {:<13} {:<7} {:<5} {:<8} {}",
-            shard.shard, voters, leader, shard.term, shard.last_applied_index, record
+            "{:<6} {:<13} {:<7} {:<5} {:<8} {:<7} {}",
+            shard.shard, voters, leader, shard.term, shard.last_applied_index, asleep, record
         );
     }
     if let Some(routes) = &status.routes {

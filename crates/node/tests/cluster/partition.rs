@@ -290,3 +290,82 @@ async fn a_writer_cut_off_from_one_replica_reaches_it_through_the_other() {
     assert_eq!(on_c, acknowledged, "the same posts, in the same order");
     cluster.shutdown().await;
 }
+
+/// The cluster status as node `i` answers it.
+async fn status_from(cluster: &InProcessCluster, i: usize) -> Option<palaver_proto::v1::StatusResponse> {
+    let channel = Channel::from_shared(format!("http://{}", cluster.addrs[i])).ok()?.connect().await.ok()?;
+    Some(AdminServiceClient::new(channel).status(StatusRequest {}).await.ok()?.into_inner())
+}
+
+/// Whether every replica of every shard reports its Raft timer stopped, as node `i` sees it.
+async fn all_asleep(cluster: &InProcessCluster, i: usize) -> Option<()> {
+    let status = status_from(cluster, i).await?;
+    let asleep = status.shards.iter().all(|s| s.replicas.len() == 3 && s.replicas.iter().all(|r| r.asleep));
+    asleep.then_some(())
+}
+
+/// Idle groups sleep: with nothing written, every replica of every group stops its Raft timer
+/// (one beat per node pair stands in for the heartbeats). A write to a sleeping group commits,
+/// and the group sleeps again after it. Then the leader of a sleeping group is cut off: its
+/// followers hear no beat from its node, wake the group, elect a leader among themselves, and
+/// the next write commits through them. After the heal all three agree again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_groups_sleep_and_a_silent_leader_is_replaced() {
+    let net = Arc::new(Net::default());
+    let cluster = InProcessCluster::start(3, 2, &net).await;
+    let mut a = cluster.chat(0);
+    let ada = user(&mut a, "ada").await;
+    a.create_room(authed(CreateRoomRequest { room: "quiet".into(), ..Default::default() }, &ada))
+        .await
+        .expect("create");
+    wait_for("every replica of every group to sleep", || all_asleep(&cluster, 0)).await;
+    // Registering writes at once, with no read before it: its leader renews its lease first.
+    let bob = user(&mut a, "bob").await;
+    let carol = user(&mut a, "carol").await;
+
+    let joined = a.join(authed(RoomRequest { room: "quiet".into() }, &bob)).await.expect("join").into_inner();
+    let shard = joined.shard;
+    wait_for("every replica to apply the join and sleep again", || async {
+        let status = status_from(&cluster, 0).await?;
+        let group = status.shards.iter().find(|s| s.shard == shard)?;
+        let applied = group.replicas.iter().all(|r| r.last_applied_index >= joined.log_index);
+        (applied && all_asleep(&cluster, 0).await.is_some()).then_some(())
+    })
+    .await;
+
+    let status = status_from(&cluster, 0).await.expect("status");
+    let old_leader = status.shards.iter().find(|s| s.shard == shard).expect("the room's shard").leader;
+    let old_term = status.shards.iter().find(|s| s.shard == shard).expect("the room's shard").term;
+    let cut = status
+        .nodes
+        .iter()
+        .find(|n| n.node_id == old_leader)
+        .and_then(|n| cluster.addrs.iter().position(|a| *a == n.grpc_addr))
+        .expect("the leader's address");
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != cut).collect();
+    net.isolate(&cluster.addrs[cut], &cluster.addrs);
+
+    let survivor = survivors[0];
+    wait_for("a leader among the survivors, in a later term", || async {
+        let status = status_from(&cluster, survivor).await?;
+        let group = status.shards.iter().find(|s| s.shard == shard)?;
+        (group.leader != 0 && group.leader != old_leader && group.term > old_term).then_some(())
+    })
+    .await;
+    wait_for("a write through the survivors", || async {
+        cluster.chat(survivor).join(authed(RoomRequest { room: "quiet".into() }, &carol)).await.ok()
+    })
+    .await;
+    let woken: u64 = survivors.iter().map(|i| cluster.nodes[*i].inner().quiesce.silence_wakes()).sum();
+    assert!(woken > 0, "the survivors woke the group because its leader's node went silent");
+
+    net.heal();
+    wait_for("all three replicas to agree on the leader and sleep again", || async {
+        let status = status_from(&cluster, cut).await?;
+        let group = status.shards.iter().find(|s| s.shard == shard)?;
+        let agree = group.replicas.len() == 3 && group.replicas.iter().all(|r| r.leader == group.leader);
+        (agree && all_asleep(&cluster, cut).await.is_some()).then_some(())
+    })
+    .await;
+    cluster.shutdown().await;
+}

@@ -7,7 +7,9 @@
 //! - `ws`: many WebSocket clients: memory per idle connection, delivery latency with them
 //!   open, and a chat-shaped load (rooms of a few subscribers, all posting), every
 //!   acknowledged post checked off at every subscriber.
+//! - `idle`: a cluster nobody uses: CPU per node, and how many Raft replicas sleep.
 
+mod idle;
 mod posts;
 mod raft;
 mod ws;
@@ -38,6 +40,8 @@ enum BenchCommand {
     Posts(posts::PostsBenchArgs),
     /// WebSocket clients: idle connections' memory, delivery latency, a chat-shaped load.
     Ws(ws::WsBenchArgs),
+    /// An idle cluster: CPU per node with no client, and how many Raft replicas sleep.
+    Idle(idle::IdleBenchArgs),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -45,6 +49,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Raft(args) => raft::run(args).await,
         BenchCommand::Posts(args) => posts::run(args).await,
         BenchCommand::Ws(args) => ws::run(args).await,
+        BenchCommand::Idle(args) => idle::run(args).await,
     }
 }
 
@@ -238,6 +243,17 @@ impl CpuMeter {
     }
 }
 
+/// The median of `values`; `None` if there are none.
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
 /// The `p` quantile (0..=1) of sorted durations, in milliseconds.
 fn quantile_ms(sorted: &[Duration], p: f64) -> f64 {
     let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
@@ -284,6 +300,13 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
 
     /// Calls to a fake that answers `codes` in turn, then `Ok(())`.
     async fn calls_until_done(codes: &[tonic::Code]) -> (anyhow::Result<()>, usize) {

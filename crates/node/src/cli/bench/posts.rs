@@ -28,7 +28,7 @@ use palaver_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use super::{Cluster, ClusterArgs, CpuMeter, Pipeline, authed, authed_status, login, quantile_ms, setup_call};
+use super::{Cluster, ClusterArgs, CpuMeter, Pipeline, authed, authed_status, login, median, quantile_ms, setup_call};
 
 /// Most gRPC streams the bench opens on one connection (servers cap concurrent streams).
 pub const STREAMS_PER_CONNECTION_MAX: usize = 100;
@@ -610,16 +610,6 @@ fn attach_name(attach: Attach) -> &'static str {
     }
 }
 
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match n {
-        0 => None,
-        _ if n % 2 == 1 => Some(values[n / 2]),
-        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
-    }
-}
-
 /// Medians per attachment and in-flight value over the rounds; with two attachments, what the
 /// second costs against the first, per round and as the median of those rounds.
 fn summarize(results: &[RunResult], modes: &[Attach], in_flights: &[usize], rounds: usize) {
@@ -664,13 +654,6 @@ fn summarize(results: &[RunResult], modes: &[Attach], in_flights: &[usize], roun
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn medians_of_odd_and_even_counts() {
-        assert_eq!(median(vec![]), None);
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
-    }
 
     #[test]
     fn a_body_carries_its_run_time_and_key() {
