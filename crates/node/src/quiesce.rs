@@ -142,7 +142,8 @@ struct Facts {
     voters: Vec<u64>,
     /// Followers whose replication matched the last log index.
     matched: BTreeSet<u64>,
-    addrs: BTreeMap<u64, String>,
+    /// The membership, for the followers' addresses.
+    membership: Arc<palaver_shard::types::StoredMembership>,
 }
 
 impl Facts {
@@ -177,7 +178,7 @@ impl Facts {
             settled_membership,
             voters: membership.voter_ids().collect(),
             matched,
-            addrs: membership.nodes().map(|(id, node)| (*id, node.addr.clone())).collect(),
+            membership: m.membership_config.clone(),
         }
     }
 
@@ -334,7 +335,7 @@ impl Quiesce {
             led.phase = Phase::Asking { waiting };
         }
         for follower in facts.followers(me) {
-            let Some(addr) = facts.addrs.get(&follower.0) else { continue };
+            let Some(addr) = facts.membership.get_node(&follower.0).map(|node| &node.addr) else { continue };
             let group = pb::QuietGroup { shard: replica.shard.0, term: facts.term, last_log_index: facts.last_log };
             beats.entry(follower).or_insert_with(|| (addr.clone(), Vec::new())).1.push(group);
         }
