@@ -30,6 +30,10 @@
 //!   delay up to the election timeout's spread so that one follower campaigns first, and
 //!   openraft elects as usual. Failover takes as long as with per-group heartbeats.
 //!
+//! A copy this node still holds of a shard that placement moved elsewhere (until the drain
+//! issue removes such copies) has its timer stopped for as long as placement leaves it out: it
+//! still answers votes and appends, it only never campaigns.
+//!
 //! Safety does not depend on any of this: Raft never relies on timers for safety, only for
 //! liveness, and a sleeping group still answers every Raft RPC, replicates every write and
 //! serves lease-less reads (a read on a sleeping leader confirms its leadership with one
@@ -104,6 +108,8 @@ struct State {
     followed: BTreeMap<ShardId, Followed>,
     /// When a beat last came from each node.
     heard: BTreeMap<NodeId, Instant>,
+    /// Replicas this node holds of shards placed elsewhere now; their timer stays stopped.
+    retired: BTreeSet<ShardId>,
     /// Peers the last sweep beat with a group listed (address by node): they get a beat the
     /// next sweep even with nothing listed, so they wake what is no longer listed at once.
     listed_to: BTreeMap<NodeId, String>,
@@ -220,6 +226,7 @@ impl Quiesce {
         let state = lock(&self.state);
         state.led.get(&shard).is_some_and(|led| led.phase == Phase::Asleep)
             || state.followed.get(&shard).is_some_and(|f| f.wake_at.is_none())
+            || state.retired.contains(&shard)
     }
 
     /// How many local replicas have their timer stopped.
@@ -227,6 +234,7 @@ impl Quiesce {
         let state = lock(&self.state);
         state.led.values().filter(|led| led.phase == Phase::Asleep).count()
             + state.followed.values().filter(|f| f.wake_at.is_none()).count()
+            + state.retired.len()
     }
 
     /// Groups woken because their leader's node went silent, since start.
@@ -245,11 +253,19 @@ impl Quiesce {
     pub fn sweep(&self, node: &NodeInner, mut wake_delay: impl FnMut() -> Duration) -> Vec<Outgoing> {
         let me = node.id;
         let now = Instant::now();
+        let replicas = node.replicas.all();
+        // Copies left on this node after placement moved the shard away: they never need to
+        // campaign (the drain issue removes them).
+        let retired: BTreeSet<ShardId> = {
+            let view = node.view();
+            let known = view.info.is_some();
+            replicas.iter().map(|r| r.shard).filter(|shard| known && !view.placement(*shard).contains(&me)).collect()
+        };
         let mut state = lock(&self.state);
         let mut beats: BTreeMap<NodeId, (String, Vec<pb::QuietGroup>)> = BTreeMap::new();
         let mut present = BTreeSet::new();
         let mut delayed_wakes = Vec::new();
-        for replica in node.replicas.all() {
+        for replica in replicas {
             let shard = replica.shard;
             present.insert(shard);
             let facts = Facts::of(&replica);
@@ -263,6 +279,15 @@ impl Quiesce {
             if let Some(led) = state.led.remove(&shard)
                 && led.phase == Phase::Asleep
             {
+                set_timer(&replica, true);
+            }
+            if retired.contains(&shard) {
+                state.followed.remove(&shard);
+                state.retired.insert(shard);
+                set_timer(&replica, false);
+                continue;
+            }
+            if state.retired.remove(&shard) {
                 set_timer(&replica, true);
             }
             let Some(followed) = state.followed.get(&shard).copied() else { continue };
@@ -286,6 +311,7 @@ impl Quiesce {
         }
         state.led.retain(|shard, _| present.contains(shard));
         state.followed.retain(|shard, _| present.contains(shard));
+        state.retired.retain(|shard| present.contains(shard));
         for (peer, addr) in std::mem::take(&mut state.listed_to) {
             beats.entry(peer).or_insert_with(|| (addr, Vec::new()));
         }
@@ -391,9 +417,12 @@ impl Quiesce {
                 Facts::of(replica).follows(leader, group.term, group.last_log_index) && !state.led.contains_key(&shard)
             });
             if agrees {
-                state.followed.insert(shard, Followed { leader, term: group.term, wake_at: None });
-                if let Some(replica) = &replica {
-                    set_timer(replica, false);
+                // A retired copy's timer is stopped already, and stays so.
+                if !state.retired.contains(&shard) {
+                    state.followed.insert(shard, Followed { leader, term: group.term, wake_at: None });
+                    if let Some(replica) = &replica {
+                        set_timer(replica, false);
+                    }
                 }
                 asleep.push(group.shard);
             } else if state.followed.remove(&shard).is_some()
