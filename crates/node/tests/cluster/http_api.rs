@@ -570,13 +570,16 @@ async fn metrics_parse_and_move_with_traffic() {
     })
     .await;
     assert!(received.iter().any(|s| s.name == "palaver_crdt_events_received_duplicate_total"));
-    // Node 1 sent them through its couriers (one per peer node): each post to each peer.
+    // Node 1 sent them through its couriers (one per peer node), each post at least once: a
+    // quorum ack needs a second replica to hold it, and only couriers carry a node's own posts
+    // at once. (Not necessarily to both peers: one that missed a push gets the post relayed by
+    // the other replica or by anti-entropy, which these counters do not count.)
     let sent = wait_for("node 1's couriers to count the posts they sent", || async {
         let samples = scrape(0).await;
-        (value(&samples, "palaver_crdt_courier_events_total", &[]) >= 10.0).then_some(samples)
+        (value(&samples, "palaver_crdt_courier_events_total", &[]) >= 5.0).then_some(samples)
     })
     .await;
     let calls = value(&sent, "palaver_crdt_courier_calls_total", &[]);
-    assert!(calls >= 2.0, "a call to each peer at least, got {calls}");
-    assert!(value(&sent, "palaver_crdt_courier_rooms_total", &[]) >= 2.0);
+    assert!(calls >= 1.0, "a courier call at least, got {calls}");
+    assert!(value(&sent, "palaver_crdt_courier_rooms_total", &[]) >= 1.0);
 }
