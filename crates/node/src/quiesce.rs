@@ -261,16 +261,16 @@ impl Quiesce {
             let known = view.info.is_some();
             replicas.iter().map(|r| r.shard).filter(|shard| known && !view.placement(*shard).contains(&me)).collect()
         };
+        // Read before taking the lock, which a write to a sleeping group waits for.
+        let replicas: Vec<(Facts, Replica)> = replicas.into_iter().map(|r| (Facts::of(&r), r)).collect();
+        let present: BTreeSet<ShardId> = replicas.iter().map(|(_, replica)| replica.shard).collect();
         let mut state = lock(&self.state);
         let mut beats: BTreeMap<NodeId, (String, Vec<pb::QuietGroup>)> = BTreeMap::new();
-        let mut present = BTreeSet::new();
         let mut delayed_wakes = Vec::new();
-        for replica in replicas {
+        for (facts, replica) in replicas {
             let shard = replica.shard;
-            present.insert(shard);
-            let facts = Facts::of(&replica);
             if facts.leads(me) {
-                if state.followed.remove(&shard).is_some() {
+                if state.followed.remove(&shard).is_some() | state.retired.remove(&shard) {
                     set_timer(&replica, true);
                 }
                 self.sweep_led(&mut state, &replica, &facts, me, &mut beats);
@@ -431,18 +431,13 @@ impl Quiesce {
                 set_timer(replica, true);
             }
         }
-        let unlisted: Vec<ShardId> = state
-            .followed
-            .iter()
-            .filter(|(shard, f)| f.leader == leader && !listed.contains(*shard))
-            .map(|(shard, _)| *shard)
-            .collect();
-        for shard in unlisted {
-            state.followed.remove(&shard);
-            if let Some(replica) = node.replicas.get(shard) {
+        state.followed.retain(|shard, f| {
+            let unlisted = f.leader == leader && !listed.contains(shard);
+            if unlisted && let Some(replica) = node.replicas.get(*shard) {
                 set_timer(&replica, true);
             }
-        }
+            !unlisted
+        });
         pb::BeatReply { asleep }
     }
 
@@ -489,15 +484,13 @@ impl Quiesce {
 /// Ready `replica` for a write: if this node leads its group asleep, wake it and renew its
 /// leader lease first. openraft refuses writes on a leader whose lease lapsed (no quorum
 /// acknowledged it within the longest election timeout), and a sleeping leader sends nothing
-/// that would renew it; one heartbeat round does (at most [`crate::routing::READ_QUORUM_WAIT_MS`]).
+/// that would renew it; one heartbeat round does ([`crate::routing::lease_or_quorum`]).
 /// The first write to a sleeping group pays that round trip, the ones after it do not.
 pub async fn wake_for_write(node: &NodeInner, replica: &Replica) {
     if !node.quiesce.wake_led(replica) {
         return;
     }
-    let wait = Duration::from_millis(crate::routing::READ_QUORUM_WAIT_MS);
-    let option = openraft::LinearizerOption::new(None, true).with_wait_timeout(wait);
-    if let Err(e) = replica.raft.ensure_linearizable(option).await {
+    if let Err(e) = replica.raft.ensure_linearizable(crate::routing::lease_or_quorum()).await {
         // The write that follows finds out the same and is routed again.
         tracing::debug!(shard = %replica.shard, error = %e, "woken leader could not renew its lease");
     }

@@ -80,17 +80,21 @@ pub async fn execute_local(node: &NodeInner, shard: ShardId, command: Command) -
     }
 }
 
+/// How a leader confirms it still leads: at once while it holds its lease, else with one
+/// heartbeat round, waiting up to [`READ_QUORUM_WAIT_MS`] for a quorum (which renews the lease).
+/// openraft's `ReadPolicy::LeaseRead` fails at once when the lease has lapsed instead, which
+/// turned a heartbeat answer delayed by a busy machine into an `unavailable` for the client.
+pub(crate) fn lease_or_quorum() -> LinearizerOption {
+    LinearizerOption::new(None, true).with_wait_timeout(Duration::from_millis(READ_QUORUM_WAIT_MS))
+}
+
 /// Answer `query` from this node's replica of `shard`, if it is the leader: at once while it
 /// holds its lease, else once a quorum confirms it (at most [`READ_QUORUM_WAIT_MS`]).
 pub async fn read_local(node: &NodeInner, shard: ShardId, query: &Query) -> Result<Answer, LocalError> {
     let Some(replica) = node.replicas.get(shard) else {
         return Err(LocalError::NotLeader(node.leader_hint(shard)));
     };
-    // A lease read that does not fail at once when the lease has lapsed: openraft's
-    // `ReadPolicy::LeaseRead` does, which turned a heartbeat answer delayed by a busy machine
-    // into an `unavailable` for the client.
-    let option = LinearizerOption::new(None, true).with_wait_timeout(Duration::from_millis(READ_QUORUM_WAIT_MS));
-    match replica.raft.ensure_linearizable(option).await {
+    match replica.raft.ensure_linearizable(lease_or_quorum()).await {
         Ok(_) => {}
         Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
             return Err(LocalError::NotLeader(f.leader_id.map(NodeId)));
