@@ -183,6 +183,18 @@ impl TestCluster {
         }
     }
 
+    /// Wait until every replica of `shard` (of every shard with `None`) reports its Raft timer
+    /// stopped, every voter's among them: the group sleeps.
+    pub async fn wait_asleep(&self, shard: Option<u32>) {
+        wait_for("the groups to sleep", || async {
+            let status = self.status().await?;
+            let mut shards = status.shards.iter().filter(|s| shard.is_none_or(|shard| s.shard == shard)).peekable();
+            shards.peek()?;
+            shards.all(|s| s.replicas.len() >= s.voters.len() && s.replicas.iter().all(|r| r.asleep)).then_some(())
+        })
+        .await;
+    }
+
     /// The status as any live node reports it.
     pub async fn status(&self) -> Option<StatusResponse> {
         for (i, node) in self.nodes.iter().enumerate() {

@@ -84,12 +84,7 @@ async fn a_new_leader_takes_over_and_the_old_one_catches_up() {
     let token = user(&mut client, "sam").await;
     // Left alone, the group sleeps: its followers then learn of the leader's death from its
     // node's silence, not from their own election timers.
-    wait_for("the room's group to sleep", || async {
-        let status = cluster.status().await?;
-        let shard = status.shards.iter().find(|s| s.shard == room.shard)?;
-        (shard.replicas.len() == 3 && shard.replicas.iter().all(|r| r.asleep)).then_some(())
-    })
-    .await;
+    cluster.wait_asleep(Some(room.shard)).await;
 
     cluster.kill(leader).await;
     // The same client, unchanged: the node routes to the new leader once one is elected.

@@ -160,8 +160,7 @@ impl InProcessCluster {
         }
         let cluster = InProcessCluster { nodes, addrs };
         wait_for("every shard led with three voters", || async {
-            let channel = Channel::from_shared(format!("http://{}", cluster.addrs[0])).ok()?.connect().await.ok()?;
-            let status = AdminServiceClient::new(channel).status(StatusRequest {}).await.ok()?.into_inner();
+            let status = status_from(&cluster, 0).await?;
             let ready = status.nodes.len() == n && status.shards.iter().all(|s| s.leader != 0 && s.voters.len() == 3);
             ready.then_some(())
         })
@@ -202,8 +201,7 @@ async fn a_cut_off_replica_keeps_accepting_and_all_converge_after_heal() {
     // Every replica has applied the join before the cut: the cut-off one checks membership
     // against its own applied state.
     wait_for("every replica to apply the join", || async {
-        let channel = Channel::from_shared(format!("http://{}", cluster.addrs[0])).ok()?.connect().await.ok()?;
-        let status = AdminServiceClient::new(channel).status(StatusRequest {}).await.ok()?.into_inner();
+        let status = status_from(&cluster, 0).await?;
         let shard = status.shards.iter().find(|s| s.shard == joined.shard)?;
         let applied = shard.replicas.iter().filter(|r| r.last_applied_index >= joined.log_index).count();
         (applied == 3).then_some(())

@@ -92,11 +92,7 @@ async fn five_nodes_serve_a_room_from_nodes_that_hold_none_of_it() {
         assert_eq!(node.dht_peers.len(), 4, "node {} found every other node in the DHT", node.node_id);
     }
     // Left alone, every replica sleeps, the copies left on nodes a shard moved away from too.
-    wait_for("every replica to sleep", || async {
-        let status = cluster.status().await?;
-        status.shards.iter().all(|s| s.replicas.iter().all(|r| r.asleep)).then_some(())
-    })
-    .await;
+    cluster.wait_asleep(None).await;
     // Prefer a room whose shard left a copy on a node when it moved there and on (nodes joined
     // one by one): that node must not serve the room from its stale copy.
     let retired = (0..1000).map(|n| format!("far-{n}")).find_map(|room| {
