@@ -84,7 +84,7 @@ pub async fn execute_local(node: &NodeInner, shard: ShardId, command: Command) -
 /// heartbeat round, waiting up to [`READ_QUORUM_WAIT_MS`] for a quorum (which renews the lease).
 /// openraft's `ReadPolicy::LeaseRead` fails at once when the lease has lapsed instead, which
 /// turned a heartbeat answer delayed by a busy machine into an `unavailable` for the client.
-pub(crate) fn lease_or_quorum() -> LinearizerOption {
+pub fn lease_or_quorum() -> LinearizerOption {
     LinearizerOption::new(None, true).with_wait_timeout(Duration::from_millis(READ_QUORUM_WAIT_MS))
 }
 
