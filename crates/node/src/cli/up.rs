@@ -136,15 +136,11 @@ pub async fn wait_ready(addr: &str, nodes: usize, quiet: bool) -> anyhow::Result
         if let Ok(status) = super::admin::fetch_status(addr).await {
             let total = status.shards.len();
             // Led, fully replicated, and on the nodes placement names (no move under way).
-            let placed = |s: &palaver_proto::v1::ShardStatus| {
-                let mut voters = s.voters.clone();
-                let mut placement = s.placement.clone();
-                voters.sort_unstable();
-                placement.sort_unstable();
-                voters == placement
-            };
-            let ready =
-                status.shards.iter().filter(|s| s.leader != 0 && s.voters.len() == want_voters && placed(s)).count();
+            let ready = status
+                .shards
+                .iter()
+                .filter(|s| s.leader != 0 && s.voters.len() == want_voters && palaver_node::cluster::shard_placed(s))
+                .count();
             let line = format!(
                 "{} of {nodes} nodes registered, {ready} of {total} shards led with {want_voters} voters where placed",
                 status.nodes.len()
