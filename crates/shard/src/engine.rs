@@ -397,13 +397,13 @@ mod tests {
         // Overwrites (the room-state family updates in place on RocksDB): values that shrink,
         // grow and shrink again, several in one batch; the last one wins, for reads and scans.
         for (round, len) in [8usize, 3, 12, 1, 12, 5].into_iter().enumerate() {
+            let want = vec![u8::try_from(round).expect("small"); len];
             let mut batch = WriteBatch::new();
             for key in [b"room-a".to_vec(), b"room-b".to_vec()] {
                 batch.put(Cf::RoomState, key.clone(), vec![0xee; len + 4]);
-                batch.put(Cf::RoomState, key, vec![u8::try_from(round).expect("small"); len]);
+                batch.put(Cf::RoomState, key, want.clone());
             }
             engine.write(batch).expect("overwrite");
-            let want = vec![u8::try_from(round).expect("small"); len];
             assert_eq!(engine.get(Cf::RoomState, b"room-a").expect("get"), Some(want.clone()));
             let rows = engine.scan(Cf::RoomState, b"room-", b"room.", 10).expect("scan");
             assert_eq!(rows, vec![(b"room-a".to_vec(), want.clone()), (b"room-b".to_vec(), want)]);
