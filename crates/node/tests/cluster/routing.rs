@@ -260,8 +260,21 @@ async fn five_nodes_serve_a_room_from_nodes_that_hold_none_of_it() {
         let first = record.replicas.iter().copied().find(|id| *id != f_id).expect("a replica");
         cluster.index_of(&seen, first)
     };
+    let old_term = {
+        let status = cluster.status().await.expect("status");
+        status.shards.iter().find(|s| s.shard == shard).expect("the room's shard").term
+    };
     let before = routes_of(&cluster, e).await;
     cluster.kill(leader).await;
+    // Let the survivors elect a leader before e tries again. Then e's route is corrected by
+    // their answers (the dead leader named, then their newer epoch), not replaced from the DHT
+    // after whole rounds of "no leader" answers: that would leave no stale epoch to hint at.
+    wait_for("a leader among the survivors, in a later term", || async {
+        let status = cluster.status().await?;
+        let group = status.shards.iter().find(|s| s.shard == shard)?;
+        (group.leader != 0 && group.term > old_term).then_some(())
+    })
+    .await;
     let dave = user(&mut at_e, "dave").await;
     at_e.join(authed(RoomRequest { room: room.clone() }, &dave)).await.expect("join after the leader died");
     post(&mut at_e, &dave, &room, "after-kill", AckLevel::Quorum).await.expect("post after the leader died");
