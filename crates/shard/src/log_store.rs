@@ -35,6 +35,12 @@ pub const LOG_READ_ENTRIES_MAX: usize = usize::MAX;
 /// fsync costs ~40 µs of CPU besides its wait (a device flush is a VM exit), and back-to-back
 /// fsyncs under load each covered only 2–3 waiters; spacing them by 1 ms raised 64-client
 /// consensus writes from ~5,800/s to ~7,000/s (medians). A lone waiter is never delayed.
+///
+/// Tried and left out (2026-11-27): 2 ms once an fsync covered 3 or more waiters. At
+/// saturation it cut fsyncs from ~0.35 to ~0.25 per post (three nodes) and context switches
+/// from ~3.1 to ~2.6, but posts/s moved within noise, and at `bench posts --rate 2000` the
+/// batches reached 3 as well: ack and delivery p50 rose by ~1 ms (1.4 → 2.5 ms). The waiter
+/// count does not tell saturation from a moderate load.
 pub const FSYNC_INTERVAL_MIN_US: u64 = 1_000;
 
 /// How many of a shard's newest log entries are kept in memory (the store's tail cache).
