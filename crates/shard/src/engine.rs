@@ -168,6 +168,9 @@ pub const WAL_LIVE_BYTES_MAX: u64 = 4 * MEMTABLE_BYTES as u64;
 /// previous use's leftovers (RocksDB allows this with its default point-in-time recovery).
 pub const WAL_FILES_RECYCLED: usize = 4;
 
+/// Bytes of flush and compaction output written between two background syncs of the file.
+pub const SST_BYTES_PER_SYNC: u64 = 1 << 20;
+
 /// The sizes a [`RocksEngine`] opens with; tests shrink them to reach flushes and WAL reuse
 /// within a few megabytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +214,12 @@ impl RocksEngine {
         options.set_max_background_jobs(2);
         options.set_max_total_wal_size(tuning.wal_live_bytes_max);
         options.set_recycle_log_file_num(WAL_FILES_RECYCLED);
+        // Flushes and compactions hand their output to the disk a megabyte at a time instead
+        // of all at once at the end, so that a WAL fsync does not queue behind a whole SST
+        // file. At `bench posts --rate 2000 --subscribers 10` (100 s runs) delivery p99 was
+        // lower with it in each of three alternated pairs of runs (means of each pair: 43
+        // against 76 ms in a noisy hour, then 7.0 against 9.4 and 8.2 against 14.5 ms).
+        options.set_bytes_per_sync(SST_BYTES_PER_SYNC);
         // Writes go to RocksDB's WAL buffer, not to the file: nothing is durable before `sync`
         // (the group commit) anyway, and this way one `sync` writes and fsyncs the WAL for
         // every batch since the last, instead of a write system call per batch.
