@@ -174,11 +174,11 @@ pub const SST_BYTES_PER_SYNC: u64 = 1 << 20;
 /// The sizes a [`RocksEngine`] opens with; tests shrink them to reach flushes and WAL reuse
 /// within a few megabytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RocksTuning {
+pub(crate) struct RocksTuning {
     /// [`MEMTABLE_BYTES`].
-    pub memtable_bytes: usize,
+    pub(crate) memtable_bytes: usize,
     /// [`WAL_LIVE_BYTES_MAX`].
-    pub wal_live_bytes_max: u64,
+    pub(crate) wal_live_bytes_max: u64,
 }
 
 impl Default for RocksTuning {
@@ -205,7 +205,7 @@ impl RocksEngine {
     }
 
     /// [`RocksEngine::open`] with other sizes.
-    pub fn open_tuned(path: &Path, tuning: RocksTuning) -> Result<Self, StorageError> {
+    pub(crate) fn open_tuned(path: &Path, tuning: RocksTuning) -> Result<Self, StorageError> {
         let mut options = rocksdb::Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
