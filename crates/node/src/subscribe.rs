@@ -1,9 +1,11 @@
 //! Room subscriptions: a client's live view of a room, resumable from its version vector.
 //!
-//! A subscription first sends every durable event the client's version vector lacks (each
+//! A subscription first sends every visible event the client's version vector lacks (each
 //! replica's in counter order, so the client's vector stays gapless), then a `caught_up` marker
-//! with the vector reached and the room's side state, then live events as they become durable
-//! here, and membership changes as this replica applies them. Events are pulled from the room's
+//! with the vector reached and the room's side state, then live events as they become visible
+//! here, and membership changes as this replica applies them. Visible: this replica's own
+//! events once fsynced here, a peer's once applied here (the peer fsynced them before sending;
+//! see [`palaver_shard::RoomCell::visible_delta`]). Events are pulled from the room's
 //! log, not buffered per subscriber: a slow subscriber only slows its own stream (the bounded
 //! channel to it fills), and memory does not grow. A subscriber that falls more than
 //! [`palaver_shard::state_machine::APPLIED_COMMANDS_BUFFERED`] membership changes behind is
@@ -188,12 +190,12 @@ impl<S: EventSink> Subscription<S> {
             Ok(cell) => cell,
             Err(e) => return End::Error(ApiError::from(e).into()),
         };
-        let mut durable = cell.watch_durable();
+        let mut visible = cell.watch_visible();
         let mut side = cell.subscribe_side();
         let mut caught_up = false;
         loop {
-            durable.borrow_and_update();
-            let events = cell.durable_delta(&self.have, SUBSCRIPTION_EVENTS_PER_PULL);
+            visible.borrow_and_update();
+            let events = cell.visible_delta(&self.have, SUBSCRIPTION_EVENTS_PER_PULL);
             if !events.is_empty() {
                 let converted: Vec<pb::MessageEvent> = {
                     let state = cell.lock();
@@ -221,7 +223,7 @@ impl<S: EventSink> Subscription<S> {
                 }
             }
             let step = tokio::select! {
-                changed = durable.changed() => match changed {
+                changed = visible.changed() => match changed {
                     Ok(()) => Ok(()),
                     Err(_) => Err(self.source_gone()),
                 },

@@ -19,17 +19,20 @@
 //! the room holds and after what the client had seen), writes it to the engine and applies it
 //! under the room's lock — so a replica's events reach the disk in counter order — then waits
 //! for the node's group-commit fsync. Only then does the event count as *durable*: subscribers
-//! and peers are only ever sent durable events, so an event that a crash loses was never seen by
-//! anyone, and its dot can be issued again safely.
+//! and peers are only ever sent a replica's own events once they are durable there, so an own
+//! event that a crash loses was never seen by anyone, and its dot can be issued again safely.
 //!
 //! [`CrdtStore::apply_remote`] applies a peer's events in the issuer's counter order (a gap stops
 //! the batch; anti-entropy fills it), persists them, fsyncs, and answers with the durable version
-//! vector, which the sender records as this replica's copy ([`CrdtStore::record_peer`]).
+//! vector, which the sender records as this replica's copy ([`CrdtStore::record_peer`]). The
+//! peer's events are *visible* to subscribers as soon as they are applied, before that fsync:
+//! the peer fsynced them before sending, so a subscriber waits for one replica's fsync, not two.
 //!
 //! ## Guarantees
 //! - Gapless: on disk and in memory, a room holds exactly `R:1..=vv[R]` of every replica `R`.
 //! - A durable event is on disk (fsynced); a peer's recorded version vector only covers events
 //!   that peer reported durable.
+//! - A visible event (sent to subscribers) is durable here or on the peer it came from.
 //! - Every change of durable state or side state bumps [`CrdtStore::changes`] (own changes,
 //!   the node's signal) or [`CrdtStore::received`] (peers' events), which the
 //!   replication tasks and subscribers watch.
@@ -113,8 +116,13 @@ pub struct RoomCell {
     state: Mutex<RoomState>,
     /// The store's use counter when the room was last asked for (for eviction).
     last_used: std::sync::atomic::AtomicU64,
-    /// What is fsynced: subscribers and pushes send only this.
+    /// What is fsynced here: pushes to peers send only this, and quorum counts only this.
     durable: watch::Sender<VersionVector>,
+    /// What subscribers may be sent: `durable`, and peers' events applied here whose fsync
+    /// here may still be running. A peer sends only what it has fsynced, so every visible
+    /// event is durable on at least one replica; a subscriber does not wait for a second
+    /// replica's fsync.
+    visible: watch::Sender<VersionVector>,
     side: broadcast::Sender<SideChange>,
 }
 
@@ -154,6 +162,31 @@ impl RoomCell {
         let durable = self.durable();
         self.lock().log.delta_between(have, &durable, limit)
     }
+
+    /// Watch the version vector of the events subscribers may be sent (see
+    /// [`RoomCell::visible_delta`]).
+    pub fn watch_visible(&self) -> watch::Receiver<VersionVector> {
+        self.visible.subscribe()
+    }
+
+    /// Up to `limit` events for a subscriber holding `have`, each replica's in counter order:
+    /// the durable ones, and peers' events applied here (durable on the peer that sent them)
+    /// whose fsync here may still be running.
+    pub fn visible_delta(&self, have: &VersionVector, limit: usize) -> Vec<Event> {
+        let visible = self.visible.borrow().clone();
+        self.lock().log.delta_between(have, &visible, limit)
+    }
+
+    /// Make `version_vector` visible to subscribers (a merge: visibility only grows).
+    fn show(&self, version_vector: &VersionVector) {
+        self.visible.send_if_modified(|visible| {
+            if visible.dominates(version_vector) {
+                return false;
+            }
+            visible.merge(version_vector);
+            true
+        });
+    }
 }
 
 /// What a local write produced.
@@ -168,6 +201,7 @@ pub struct Written {
 }
 
 /// What [`CrdtStore::stamp_and_write`] did.
+#[derive(Debug)]
 enum Stamped {
     /// The post was already there.
     Retry(Written),
@@ -534,12 +568,14 @@ impl CrdtStore {
             .unwrap_or_default();
         let side = SideState { markers, ..SideState::default() };
         let durable = log.version_vector().clone();
+        let (visible, _) = watch::channel(durable.clone());
         let (durable, _) = watch::channel(durable);
         let (side_tx, _) = broadcast::channel(SIDE_EVENTS_BUFFERED_PER_ROOM);
         Ok(RoomCell {
             state: Mutex::new(RoomState { log, side }),
             last_used: std::sync::atomic::AtomicU64::new(0),
             durable,
+            visible,
             side: side_tx,
         })
     }
@@ -636,6 +672,7 @@ impl CrdtStore {
             // Merged, not assigned: a concurrent caller may have read the cell's vector before
             // this one's merge and write the index after it.
             let durable = cell.durable();
+            cell.show(&durable);
             let mut index = lock(&self.inner.index);
             let entry = index.entry(room.clone()).or_insert_with(|| (VersionVector::new(), [0; 32]));
             entry.0.merge(&durable);
@@ -782,6 +819,14 @@ impl CrdtStore {
                 keys::encode(&version_vector)?,
             );
             self.inner.engine.write(batch)?;
+            // Peers' events only: this replica's own events in the log may not be fsynced yet
+            // (a local write between its stamp and its group commit), and nobody else has them.
+            let me = self.inner.replica;
+            let mut peers_events = VersionVector::new();
+            for (replica, counter) in version_vector.iter().filter(|(replica, _)| *replica != me) {
+                peers_events.advance(Dot::new(replica, counter));
+            }
+            cell.show(&peers_events);
         }
         Ok((version_vector, side_changed, wrote))
     }
@@ -1262,6 +1307,47 @@ mod tests {
             ReceivedEvents { new: 5, duplicate: 6 },
             "every received event is counted once"
         );
+    }
+
+    /// Subscribers see a peer's events once they are applied here, before this replica's
+    /// fsync (the peer fsynced them before sending), but this replica's own events only once
+    /// they are fsynced here.
+    #[tokio::test]
+    async fn peers_events_are_visible_before_the_local_fsync_and_own_events_after_it() {
+        let a = store(Arc::new(MemEngine::new()), 1);
+        let b = store(Arc::new(MemEngine::new()), 2);
+        let room = RoomId("vis".into());
+        for i in 0..2 {
+            write(&a, &room, "ada", &format!("a{i}"), 1_000 + i).await;
+        }
+        let from_a = a.room(&room).await.expect("room").durable_delta(&VersionVector::new(), 100);
+        let cell = b.room(&room).await.expect("room");
+        let mut visible = cell.watch_visible();
+        visible.borrow_and_update();
+        // b's own event, stamped and written but not yet fsynced.
+        let own = match b.stamp_and_write(
+            &room,
+            &cell,
+            UserName("bob".into()),
+            post(&room, "bob", "b0", "b0"),
+            1_100,
+            None,
+        ) {
+            Ok(Stamped::New(written, _)) => written,
+            other => panic!("expected a new event, got {other:?}"),
+        };
+        let staged = b.stage_remote_rooms(vec![(room.clone(), from_a.clone(), None)], 1_100).await.expect("stage");
+        assert!(visible.has_changed().expect("open"), "staging a peer's events wakes subscribers");
+        let shown: Vec<Dot> = cell.visible_delta(&VersionVector::new(), 100).iter().map(|e| e.dot).collect();
+        let from_a_dots: Vec<Dot> = from_a.iter().map(|e| e.dot).collect();
+        assert_eq!(shown, from_a_dots, "a's events are visible, b's unsynced own event is not");
+        assert!(cell.durable_delta(&VersionVector::new(), 100).is_empty(), "nothing is durable here yet");
+        b.sync().await.expect("sync");
+        b.publish_remote_rooms(staged).expect("publish");
+        let shown: Vec<Dot> = cell.visible_delta(&VersionVector::new(), 100).iter().map(|e| e.dot).collect();
+        assert_eq!(shown.len(), 3, "after the fsync every event is visible");
+        assert!(shown.contains(&own.position.dot()));
+        assert_eq!(cell.durable_delta(&VersionVector::new(), 100).len(), 3);
     }
 
     #[tokio::test]
