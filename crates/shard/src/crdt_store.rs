@@ -291,7 +291,9 @@ pub struct StagedRooms {
 }
 
 impl StagedRooms {
-    /// Whether anything was written (else no fsync is needed).
+    /// Whether an fsync must come before publishing: something was written, or a room holds
+    /// events that another caller wrote and has not fsynced yet (publishing marks a room's
+    /// whole vector durable). Else publishing needs no fsync.
     pub fn wrote(&self) -> bool {
         self.wrote
     }
@@ -727,7 +729,9 @@ impl CrdtStore {
             let cell = self.room(&room).await?;
             let (version_vector, side_changed, wrote_room) =
                 self.apply_remote_unsynced(&room, &cell, events, side, now_ms)?;
-            wrote |= wrote_room;
+            // A concurrent push may have written events of this room that its fsync has not
+            // covered yet: they are in `version_vector` too, so they need an fsync as well.
+            wrote |= wrote_room || !cell.durable().dominates(&version_vector);
             applied.push((room, cell, version_vector, side_changed));
         }
         Ok(StagedRooms { applied, wrote })
@@ -1338,6 +1342,10 @@ mod tests {
         };
         let staged = b.stage_remote_rooms(vec![(room.clone(), from_a.clone(), None)], 1_100).await.expect("stage");
         assert!(visible.has_changed().expect("open"), "staging a peer's events wakes subscribers");
+        // The same events again (a concurrent push) write nothing, but publishing them must
+        // still wait for an fsync: the room's vector holds the first push's unsynced events.
+        let again = b.stage_remote_rooms(vec![(room.clone(), from_a.clone(), None)], 1_100).await.expect("stage");
+        assert!(again.wrote(), "a room with unsynced events needs an fsync before it is published");
         let shown: Vec<Dot> = cell.visible_delta(&VersionVector::new(), 100).iter().map(|e| e.dot).collect();
         let from_a_dots: Vec<Dot> = from_a.iter().map(|e| e.dot).collect();
         assert_eq!(shown, from_a_dots, "a's events are visible, b's unsynced own event is not");
