@@ -277,6 +277,12 @@ impl Collector for NodeCollector {
         )?;
         counter(&mut encoder, "crdt_courier_rooms", "Rooms pushed by this node's couriers", courier.rooms)?;
         counter(&mut encoder, "crdt_courier_events", "Events pushed by this node's couriers", courier.events)?;
+        counter(
+            &mut encoder,
+            "crdt_courier_calls_after_stall",
+            "Courier calls sent while an earlier call to the same peer waited past the stall time",
+            courier.after_stall,
+        )?;
         let follows = node.feeds.links.counts();
         counter(
             &mut encoder,

@@ -12,7 +12,9 @@
 //!   copies, which the courier records — that record is what `quorum` acknowledgements wait on.
 //!   One call is in flight per peer node: what changes meanwhile goes in the next, so under
 //!   load a call carries many posts of many shards (one task, one fsync and one answer on the
-//!   peer for all of them). Every replica pushes its own writes to every peer, so a third
+//!   peer for all of them). Once the oldest call has waited [`COURIER_STALL_MS`] (a slow fsync
+//!   on the peer), one more leaves, up to [`COURIER_CALLS_IN_FLIGHT_MAX`], carrying only what
+//!   the calls in flight do not; answers are taken in call order. Every replica pushes its own writes to every peer, so a third
 //!   replica's events reach the peer from that replica; relaying them at once too would send
 //!   each event to each peer twice (measured: about as many duplicates as new events).
 //! - **The pusher** (one per local replica and other member of its group) does the rest, for
@@ -44,12 +46,15 @@
 //!
 //! Every loop is bounded and every call has a deadline ([`CRDT_CALL_TIMEOUT_MS`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
 use openraft::async_runtime::WatchReceiver;
-use palaver_crdt::{Event, ReplicaId, VersionVector};
+use palaver_crdt::{Dot, Event, ReplicaId, VersionVector};
 use palaver_ids::{NodeId, RoomId, ShardId};
 use palaver_proto::v1::{CrdtBatchRequest, CrdtReply, CrdtRequest};
 use palaver_shard::{CrdtStore, PushScope, Replica, RoomSummary, SideState, keys};
@@ -76,6 +81,13 @@ pub const COURIER_CHANGED_ROOMS_MAX: usize = 4_096;
 pub const COURIER_ROOMS_PER_CALL_MAX: usize = 256;
 /// A courier call takes no further room once it holds this many events.
 pub const COURIER_EVENTS_PER_CALL_MAX: usize = 4_096;
+/// Most courier calls in flight to one peer node (see [`COURIER_STALL_MS`]).
+pub const COURIER_CALLS_IN_FLIGHT_MAX: usize = 4;
+/// A courier sends one call at a time (what changes meanwhile goes in the next, so under load
+/// a call carries many posts), but once the oldest call has waited this long (its answer
+/// waits for the peer's fsync, and that one is slow), one more leaves, up to
+/// [`COURIER_CALLS_IN_FLIGHT_MAX`]: a slow fsync on the peer does not hold up what follows.
+pub const COURIER_STALL_MS: u64 = 2;
 /// Rooms per page of an anti-entropy listing.
 pub const SYNC_ROOMS_PER_PAGE: usize = 1_024;
 /// Deadline of one replication call.
@@ -236,6 +248,7 @@ pub struct CourierStats {
     calls: std::sync::atomic::AtomicU64,
     rooms: std::sync::atomic::AtomicU64,
     events: std::sync::atomic::AtomicU64,
+    after_stall: std::sync::atomic::AtomicU64,
 }
 
 /// A snapshot of [`CourierStats`].
@@ -247,6 +260,9 @@ pub struct CourierCounts {
     pub rooms: u64,
     /// Events pushed, over all calls.
     pub events: u64,
+    /// Calls sent while an earlier call to the same peer had waited longer than
+    /// [`COURIER_STALL_MS`] for its answer.
+    pub after_stall: u64,
 }
 
 impl Replication {
@@ -309,6 +325,8 @@ impl Replication {
                     stats: self.stats.clone(),
                     stopped: stopped.clone(),
                     start: 0,
+                    in_flight: InFlight::default(),
+                    next_call: 0,
                 };
                 CourierTask { handle: tokio::spawn(courier.run()), addr, shards, wake }
             });
@@ -335,6 +353,7 @@ impl Replication {
             calls: self.stats.calls.load(Relaxed),
             rooms: self.stats.rooms.load(Relaxed),
             events: self.stats.events.load(Relaxed),
+            after_stall: self.stats.after_stall.load(Relaxed),
         }
     }
 
@@ -680,8 +699,65 @@ impl ShardRound {
     }
 }
 
+/// What the courier's calls in flight carry of one room: the highest own counter and the side
+/// digest sent, and the newest call that carries them.
+#[derive(Debug, Clone, Copy)]
+struct Carried {
+    own: u64,
+    side: Option<[u8; 32]>,
+    call: u64,
+}
+
+/// What the courier's calls in flight carry, by (shard, room): the next call sends only what
+/// comes after.
+#[derive(Debug, Default)]
+struct InFlight {
+    rooms: HashMap<(ShardId, RoomId), Carried>,
+}
+
+impl InFlight {
+    /// What calls in flight carry of `room`.
+    fn get(&self, shard: ShardId, room: &RoomId) -> Option<Carried> {
+        self.rooms.get(&(shard, room.clone())).copied()
+    }
+
+    /// Call `call` carries `room`'s own events up to `own`, and its side state of digest
+    /// `side` if given.
+    fn carry(&mut self, call: u64, shard: ShardId, room: RoomId, own: u64, side: Option<[u8; 32]>) {
+        let entry = self.rooms.entry((shard, room)).or_insert(Carried { own, side: None, call });
+        entry.own = entry.own.max(own);
+        entry.call = call;
+        if side.is_some() {
+            entry.side = side;
+        }
+    }
+
+    /// Call `call` was answered (or failed): forget what it carried, unless a later call
+    /// carries the room too.
+    fn settle(&mut self, call: u64, carried: &[(ShardId, RoomId, u64)]) {
+        for (shard, room, _) in carried {
+            let key = (*shard, room.clone());
+            if self.rooms.get(&key).is_some_and(|carried| carried.call == call) {
+                self.rooms.remove(&key);
+            }
+        }
+    }
+}
+
+/// A courier call on its way.
+struct Call {
+    id: u64,
+    /// The rounds of the shards it carries.
+    rounds: Vec<ShardRound>,
+    /// The rooms it carries, by shard, with the highest own counter sent.
+    carried: Vec<(ShardId, RoomId, u64)>,
+}
+
+/// A courier call and the peer's answer.
+type Answered = (Call, Result<Vec<ShardPushed>, String>);
+
 /// Pushes this replica's own changes of every shard it shares with one peer node, many
-/// shards per call, one call in flight.
+/// shards per call, up to [`COURIER_CALLS_IN_FLIGHT_MAX`] calls in flight.
 struct Courier {
     node: Arc<NodeInner>,
     peer: NodeId,
@@ -693,40 +769,77 @@ struct Courier {
     /// Where the next look starts among the shards, moved on by every call: when calls are
     /// full, every shard still gets its turn at the front.
     start: usize,
+    /// What the calls in flight carry.
+    in_flight: InFlight,
+    /// The id of the next call.
+    next_call: u64,
 }
 
 impl Courier {
     async fn run(mut self) {
         let mut changes = self.node.replicas.crdt().own_changes();
+        let mut changes_open = true;
+        let (wake, mut stopped) = (self.wake.clone(), self.stopped.clone());
+        let mut calls: FuturesOrdered<BoxFuture<'static, Answered>> = FuturesOrdered::new();
+        // When each call in flight left, oldest first.
+        let mut sent_at: VecDeque<tokio::time::Instant> = VecDeque::new();
+        // After a failed call: no new call before then (a pusher's wake ends the wait sooner).
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let stall = Duration::from_millis(COURIER_STALL_MS);
+        // One call at a time (what changes meanwhile goes in the next: under load a call
+        // carries many posts); one more once the oldest has waited `stall`.
+        let may_send = |sent_at: &VecDeque<tokio::time::Instant>, retry_at: Option<tokio::time::Instant>| {
+            retry_at.is_none()
+                && match sent_at.front() {
+                    None => true,
+                    Some(oldest) => sent_at.len() < COURIER_CALLS_IN_FLIGHT_MAX && oldest.elapsed() >= stall,
+                }
+        };
         loop {
-            // Seen before the shards are read: a change from now on wakes the next pause.
-            changes.borrow_and_update();
-            let outcome = self.push_once().await;
-            let pause = async {
-                match outcome {
-                    // Something was sent: look again at once (more may have changed since).
-                    Ok(true) => tokio::task::yield_now().await,
-                    Ok(false) => tokio::select! {
-                        changed = changes.changed() => {
-                            if changed.is_err() {
-                                std::future::pending::<()>().await;
-                            }
+            while may_send(&sent_at, retry_at) {
+                // Seen before the shards are read: a change from now on wakes the wait below.
+                changes.borrow_and_update();
+                match self.next_call().await {
+                    Ok(Some(call)) => {
+                        if !sent_at.is_empty() {
+                            self.stats.after_stall.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
-                        () = self.wake.notified() => {}
-                    },
+                        calls.push_back(call);
+                        sent_at.push_back(tokio::time::Instant::now());
+                    }
+                    Ok(None) => break,
                     Err(e) => {
                         tracing::debug!(peer = %self.peer, error = %e, "courier push failed");
-                        // A pusher whose anti-entropy got through wakes the courier sooner.
-                        tokio::select! {
-                            () = tokio::time::sleep(Duration::from_millis(PUSH_RETRY_MS)) => {}
-                            () = self.wake.notified() => {}
-                        }
+                        retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(PUSH_RETRY_MS));
                     }
+                }
+            }
+            let can_send = may_send(&sent_at, retry_at);
+            let stalls_at = match sent_at.front() {
+                Some(oldest) if !can_send && retry_at.is_none() && sent_at.len() < COURIER_CALLS_IN_FLIGHT_MAX => {
+                    Some(*oldest + stall)
+                }
+                _ => None,
+            };
+            let at = |instant: Option<tokio::time::Instant>| async move {
+                match instant {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                () = pause => {}
-                _ = self.stopped.wait_for(|stop| *stop) => return,
+                Some((call, answer)) = calls.next(), if !calls.is_empty() => {
+                    sent_at.pop_front();
+                    if let Err(e) = self.settle(call, answer) {
+                        tracing::debug!(peer = %self.peer, error = %e, "courier push failed");
+                        retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(PUSH_RETRY_MS));
+                    }
+                }
+                changed = changes.changed(), if changes_open && can_send => changes_open = changed.is_ok(),
+                () = at(stalls_at) => {}
+                () = wake.notified() => retry_at = None,
+                () = at(retry_at) => retry_at = None,
+                _ = stopped.wait_for(|stop| *stop) => return,
             }
         }
     }
@@ -760,56 +873,101 @@ impl Courier {
             .collect()
     }
 
-    /// Send the peer, in one call, what it lacks of this replica's own changes, over every
-    /// shard (within the call's bounds); move the cursor of each shard the peer lacks nothing
-    /// of. Returns whether a call was sent. A failed call fails every shard it carried: their
-    /// pushers compare with the peer, and the courier looks at their every room next.
-    async fn push_once(&mut self) -> Result<bool, String> {
+    /// The next call: what the peer lacks of this replica's own changes, over every shard
+    /// (within the call's bounds), beyond what the calls in flight carry; or `None` if there
+    /// is nothing to send. Moves the cursor of each shard the peer lacks nothing of (not
+    /// even what is in flight).
+    async fn next_call(&mut self) -> Result<Option<BoxFuture<'static, Answered>>, String> {
         let peer = ReplicaId(self.peer.0);
-        let (mut call, mut batch) = (Vec::new(), Vec::new());
+        let id = self.next_call;
+        let (mut rounds, mut batch, mut carried) = (Vec::new(), Vec::new(), Vec::new());
         let (mut rooms, mut events) = (0usize, 0usize);
         for shard in self.open_shards() {
             if rooms >= COURIER_ROOMS_PER_CALL_MAX || events >= COURIER_EVENTS_PER_CALL_MAX {
                 break;
             }
-            let behind = shard.behind(peer, COURIER_ROOMS_PER_CALL_MAX - rooms);
-            if behind.is_empty() {
-                shard.finish();
-                continue;
-            }
+            let limit = COURIER_ROOMS_PER_CALL_MAX - rooms;
+            let behind = shard.behind(peer, limit);
+            // Whether the peer lacks nothing beyond what the shard's pushes below hold.
+            let mut whole = behind.len() < limit;
             let store = &shard.shared.replica.crdt;
+            let (shard_id, me) = (store.shard(), store.replica());
             let mut shard_pushes = Vec::with_capacity(behind.len());
-            for (room, base, side_behind) in behind {
+            for (room, mut base, side_behind) in behind {
                 if events >= COURIER_EVENTS_PER_CALL_MAX {
+                    whole = false;
                     break;
                 }
-                let push = room_push(store, room, &base, side_behind).await?;
+                let in_flight = self.in_flight.get(shard_id, &room);
+                if let Some(in_flight) = in_flight {
+                    base.advance(Dot::new(me, in_flight.own));
+                }
+                let mut push = room_push(store, room, &base, side_behind).await?;
+                if let Some(in_flight) = in_flight {
+                    if in_flight.side == Some(push.sender.side_digest) {
+                        push.side = None;
+                    }
+                    if push.events.is_empty() && push.side.is_none() {
+                        // All on its way already: the cursor moves once the answer is in.
+                        whole = false;
+                        continue;
+                    }
+                }
+                let own = push.events.iter().map(|event| event.dot.counter).max().unwrap_or(base.get(me));
+                let side = push.side.is_some().then_some(push.sender.side_digest);
+                self.in_flight.carry(id, shard_id, push.room.clone(), own, side);
+                carried.push((shard_id, push.room.clone(), own));
                 events += push.events.len();
                 shard_pushes.push(push);
             }
+            if shard_pushes.is_empty() {
+                if whole {
+                    shard.finish();
+                }
+                continue;
+            }
             rooms += shard_pushes.len();
-            batch.push(ShardPush { shard: store.shard(), rooms: shard_pushes });
-            call.push(shard);
+            batch.push(ShardPush { shard: shard_id, rooms: shard_pushes });
+            rounds.push(shard);
         }
-        if call.is_empty() {
-            return Ok(false);
+        if rounds.is_empty() {
+            return Ok(None);
         }
         self.start = self.start.wrapping_add(1);
-        let answers = match self.send(&batch, rooms, events).await {
+        self.next_call = id.wrapping_add(1);
+        let call = Call { id, rounds, carried };
+        let (node, addr, stats) = (self.node.clone(), self.addr.clone(), self.stats.clone());
+        Ok(Some(Box::pin(async move {
+            let answer = send(&node, &addr, &stats, &batch, rooms, events).await;
+            (call, answer)
+        })))
+    }
+
+    /// Record the peer's answer to `call`. A shard whose push the peer took nothing of waits
+    /// for its next change (or the pusher); a failed call fails every shard it carried: their
+    /// pushers compare with the peer, and the courier looks at their every room next.
+    fn settle(&mut self, call: Call, answer: Result<Vec<ShardPushed>, String>) -> Result<(), String> {
+        let peer = ReplicaId(self.peer.0);
+        self.in_flight.settle(call.id, &call.carried);
+        let answers = match answer {
             Ok(answers) => answers,
             Err(e) => {
-                for shard in &call {
+                for shard in &call.rounds {
                     shard.fail();
                 }
                 return Err(e);
             }
         };
-        for shard in call {
+        for shard in call.rounds {
             let store = &shard.shared.replica.crdt;
-            let answer = answers.iter().find(|answer| answer.shard == store.shard());
+            let shard_id = store.shard();
+            let answer = answers.iter().find(|answer| answer.shard == shard_id);
             match answer.map(|answer| &answer.result) {
-                // The cursor moves once a later look finds the peer lacking nothing.
-                Some(Ok(copies)) if record_copies(store, peer, copies) => {}
+                // The cursor moves once a later look finds the peer lacking nothing. An
+                // earlier call's answer may already have told everything this one does.
+                Some(Ok(copies))
+                    if record_copies(store, peer, copies)
+                        || holds_what_was_sent(copies, &call.carried, shard_id, store.replica()) => {}
                 Some(Ok(_)) => {
                     // The peer took nothing (a refused or conflicting event): stop instead of
                     // spinning; anti-entropy and the shard's next change try again.
@@ -817,26 +975,47 @@ impl Courier {
                     shard.shared.stuck.notify_one();
                 }
                 Some(Err(e)) => {
-                    tracing::debug!(shard = %store.shard(), peer = %self.peer, error = %e, "courier push refused");
+                    tracing::debug!(shard = %shard_id, peer = %self.peer, error = %e, "courier push refused");
                     shard.fail();
                 }
                 None => shard.fail(),
             }
         }
-        Ok(true)
+        Ok(())
     }
+}
 
-    /// Send one courier call.
-    async fn send(&self, batch: &[ShardPush], rooms: usize, events: usize) -> Result<Vec<ShardPushed>, String> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let payload = keys::encode(&batch).map_err(|e| e.to_string())?;
-        self.stats.calls.fetch_add(1, Relaxed);
-        self.stats.rooms.fetch_add(rooms as u64, Relaxed);
-        self.stats.events.fetch_add(events as u64, Relaxed);
-        let link = self.node.replicas.peers().link(&self.addr).map_err(|e| e.to_string())?;
-        let request = CrdtBatchRequest { from: self.node.id.0, payload };
-        decode_reply(link.crdt_batch(request)).await
-    }
+/// Whether the peer's `copies` of one shard's rooms hold every own event `carried` says the
+/// call sent of them.
+fn holds_what_was_sent(
+    copies: &[RoomSummary],
+    carried: &[(ShardId, RoomId, u64)],
+    shard: ShardId,
+    me: ReplicaId,
+) -> bool {
+    carried
+        .iter()
+        .filter(|(s, _, _)| *s == shard)
+        .all(|(_, room, own)| copies.iter().any(|copy| copy.room == *room && copy.version_vector.get(me) >= *own))
+}
+
+/// Send one courier call.
+async fn send(
+    node: &NodeInner,
+    addr: &str,
+    stats: &CourierStats,
+    batch: &[ShardPush],
+    rooms: usize,
+    events: usize,
+) -> Result<Vec<ShardPushed>, String> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let payload = keys::encode(&batch).map_err(|e| e.to_string())?;
+    stats.calls.fetch_add(1, Relaxed);
+    stats.rooms.fetch_add(rooms as u64, Relaxed);
+    stats.events.fetch_add(events as u64, Relaxed);
+    let link = node.replicas.peers().link(addr).map_err(|e| e.to_string())?;
+    let request = CrdtBatchRequest { from: node.id.0, payload };
+    decode_reply(link.crdt_batch(request)).await
 }
 
 /// Compare `peer`'s digest with this replica's index; if they agree, `peer` holds exactly what
@@ -1011,6 +1190,43 @@ mod tests {
         }
         let failed = answers.iter().find(|a| a.shard == ShardId(3)).expect("answered");
         assert_eq!(failed.result, Err("no replica of shard 3".to_string()));
+    }
+
+    /// A room in two calls in flight: the first answer leaves the second call's record, the
+    /// second removes it; a side digest sent stays recorded while a later call carries only
+    /// events.
+    #[test]
+    fn what_calls_in_flight_carry_is_kept_until_the_last_of_them_is_answered() {
+        let (shard, room) = (ShardId(3), RoomId("general".into()));
+        let mut in_flight = InFlight::default();
+        assert!(in_flight.get(shard, &room).is_none());
+        in_flight.carry(0, shard, room.clone(), 5, Some([7; 32]));
+        in_flight.carry(1, shard, room.clone(), 8, None);
+        let carried = in_flight.get(shard, &room).expect("in flight");
+        assert_eq!((carried.own, carried.side, carried.call), (8, Some([7; 32]), 1));
+        in_flight.settle(0, &[(shard, room.clone(), 5)]);
+        assert_eq!(in_flight.get(shard, &room).map(|c| c.own), Some(8), "call 1 still carries the room");
+        assert!(in_flight.get(ShardId(4), &room).is_none(), "rooms are per shard");
+        in_flight.settle(1, &[(shard, room.clone(), 8)]);
+        assert!(in_flight.get(shard, &room).is_none());
+    }
+
+    /// An answer that adds nothing to what an earlier answer told still counts as taken when
+    /// the peer holds every own event the call sent; one that holds less does not.
+    #[test]
+    fn an_answer_counts_as_taken_when_the_peer_holds_what_the_call_sent() {
+        let me = ReplicaId(1);
+        let (shard, room) = (ShardId(3), RoomId("general".into()));
+        let copy = |counter| RoomSummary {
+            room: room.clone(),
+            version_vector: VersionVector::from(BTreeMap::from([(me, counter)])),
+            side_digest: [0; 32],
+        };
+        let sent = [(shard, room.clone(), 8), (ShardId(4), RoomId("other".into()), 99)];
+        assert!(holds_what_was_sent(&[copy(8)], &sent, shard, me));
+        assert!(holds_what_was_sent(&[copy(9)], &sent, shard, me));
+        assert!(!holds_what_was_sent(&[copy(7)], &sent, shard, me));
+        assert!(!holds_what_was_sent(&[], &sent, shard, me));
     }
 
     #[tokio::test]

@@ -96,8 +96,8 @@ async fn a_subscriber_resumes_on_another_node_and_gets_each_missed_event_once() 
         before.push(post(&mut second, &ada, "resume", &format!("old-{i}"), AckLevel::Quorum).await.expect("post"));
     }
     // A quorum ack means two replicas hold a post: wait until the first node's does too, since
-    // a subscription's catch-up sends what its node holds durably (history may already show an
-    // event that is still being fsynced there).
+    // a subscription's catch-up sends what its node may show (history may already show an
+    // event of its own that is still being fsynced there).
     wait_for("the first node to hold the posts", || {
         let (mut first, ada) = (first.clone(), ada.clone());
         async move {

@@ -10,12 +10,53 @@ use palaver_node::{Bootstrap, Dialer, Node, NodeConfig, NodeEnv, SharedRng, Syst
 use palaver_proto::v1::admin_service_client::AdminServiceClient;
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::{AckLevel, CreateRoomRequest, HistoryRequest, RoomRequest, StatusRequest};
-use palaver_shard::{MemEngine, ReplicaOptions};
+use palaver_proto::v1::{RoomEvent, SubscribeRequest, room_event};
+use palaver_shard::engine::KeyValue;
+use palaver_shard::{Cf, KvEngine, MemEngine, ReplicaOptions, StorageError, WriteBatch};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::harness::{authed, code, post, user, wait_for};
+
+/// A [`MemEngine`] whose fsync can be held: a disk that stalls.
+#[derive(Debug, Default)]
+struct StallingEngine {
+    inner: MemEngine,
+    stalled: std::sync::Mutex<bool>,
+    released: std::sync::Condvar,
+}
+
+impl StallingEngine {
+    fn stall(&self, stalled: bool) {
+        *self.stalled.lock().expect("stall lock") = stalled;
+        self.released.notify_all();
+    }
+}
+
+impl KvEngine for StallingEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get(cf, key)
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.inner.write(batch)
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        let stalled = self.stalled.lock().expect("stall lock");
+        drop(self.released.wait_while(stalled, |stalled| *stalled).expect("stall lock"));
+        self.inner.sync()
+    }
+
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
+        self.inner.scan(cf, from, to, limit)
+    }
+
+    fn scan_rev(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
+        self.inner.scan_rev(cf, from, to, limit)
+    }
+}
 
 /// The network between in-process nodes: which directed links are cut.
 #[derive(Debug, Default)]
@@ -128,6 +169,13 @@ struct InProcessCluster {
 
 impl InProcessCluster {
     async fn start(n: usize, shards: u32, net: &Arc<Net>) -> Self {
+        let engines = (0..n).map(|_| Arc::new(MemEngine::new()) as Arc<dyn KvEngine>).collect();
+        Self::start_on(engines, shards, net).await
+    }
+
+    /// Start one node per engine.
+    async fn start_on(engines: Vec<Arc<dyn KvEngine>>, shards: u32, net: &Arc<Net>) -> Self {
+        let n = engines.len();
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for _ in 0..n {
@@ -136,7 +184,7 @@ impl InProcessCluster {
             listeners.push(listener);
         }
         let mut nodes = Vec::new();
-        for (i, listener) in listeners.into_iter().enumerate() {
+        for (i, (listener, engine)) in listeners.into_iter().zip(engines).enumerate() {
             let env = NodeEnv {
                 clock: Arc::new(SystemClock),
                 dialer: Arc::new(ProxyDialer { from: addrs[i].clone(), net: net.clone() }),
@@ -156,7 +204,7 @@ impl InProcessCluster {
                 http: None,
                 grpc_connections_per_address: palaver_node::connections::GRPC_CONNECTIONS_PER_ADDRESS_DEFAULT,
             };
-            nodes.push(Node::start(config, env, Arc::new(MemEngine::new()), listener).await.expect("start"));
+            nodes.push(Node::start(config, env, engine, listener).await.expect("start"));
         }
         let cluster = InProcessCluster { nodes, addrs };
         wait_for("every shard led with three voters", || async {
@@ -363,6 +411,77 @@ async fn idle_groups_sleep_and_a_silent_leader_is_replaced() {
         let group = status.shards.iter().find(|s| s.shard == shard)?;
         let agree = group.replicas.len() == 3 && group.replicas.iter().all(|r| r.leader == group.leader);
         (agree && all_asleep(&cluster, cut).await.is_some()).then_some(())
+    })
+    .await;
+    cluster.shutdown().await;
+}
+
+/// The next posted message's body on `stream`, skipping other events.
+async fn next_post(stream: &mut tonic::Streaming<RoomEvent>) -> String {
+    loop {
+        let event = stream.message().await.expect("stream").expect("stream open");
+        if let Some(room_event::Event::Message(message)) = event.event
+            && let Some(body) = message.message.map(|m| m.body)
+            && !body.is_empty()
+        {
+            return body;
+        }
+    }
+}
+
+/// A replica whose disk stalls (its fsyncs hang) still shows its subscribers what a peer
+/// sends: a peer's events are shown once applied, before the local fsync, and the peer's
+/// courier does not wait for the answer to a stalled call before sending the next post (it
+/// sends one more call once the first has waited a moment). Without either, the posts would
+/// wait until the stalled call fails at its 5 s deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_fsync_stalls_still_shows_its_subscribers_what_peers_send() {
+    let net = Arc::new(Net::default());
+    let stalling = Arc::new(StallingEngine::default());
+    let engines: Vec<Arc<dyn KvEngine>> =
+        vec![Arc::new(MemEngine::new()), Arc::new(MemEngine::new()), stalling.clone()];
+    let cluster = InProcessCluster::start_on(engines, 2, &net).await;
+    let (mut a, mut c) = (cluster.chat(0), cluster.chat(2));
+    let ada = user(&mut a, "ada").await;
+    let bob = user(&mut c, "bob").await;
+    a.create_room(authed(CreateRoomRequest { room: "stall".into(), ..Default::default() }, &ada))
+        .await
+        .expect("create");
+    let joined = c.join(authed(RoomRequest { room: "stall".into() }, &bob)).await.expect("join").into_inner();
+    wait_for("every replica to apply the join", || async {
+        let status = status_from(&cluster, 0).await?;
+        let shard = status.shards.iter().find(|s| s.shard == joined.shard)?;
+        let applied = shard.replicas.iter().filter(|r| r.last_applied_index >= joined.log_index).count();
+        (applied == 3).then_some(())
+    })
+    .await;
+    let request = SubscribeRequest { room: "stall".into(), version_vector: None };
+    let mut stream = c.subscribe(authed(request, &bob)).await.expect("subscribe").into_inner();
+    loop {
+        let event = stream.message().await.expect("stream").expect("stream open");
+        if matches!(event.event, Some(room_event::Event::CaughtUp(_))) {
+            break;
+        }
+    }
+
+    // Only the first node's own pushes can bring its posts: the second node, which would
+    // relay them a moment later, is cut off from the third.
+    net.cut_between(&cluster.addrs[1], &cluster.addrs[2]);
+    stalling.stall(true);
+    let within = Duration::from_secs(3);
+    for body in ["first", "second", "third"] {
+        post(&mut a, &ada, "stall", body, AckLevel::One).await.expect("ack one needs only the first node");
+        let shown = tokio::time::timeout(within, next_post(&mut stream)).await;
+        assert_eq!(shown.as_deref(), Ok(body), "{body} reaches the stalled replica's subscriber");
+    }
+    stalling.stall(false);
+    net.heal();
+    drop(stream);
+    // Once the disk is back, the stalled replica takes part in quorums again.
+    let id = post(&mut c, &bob, "stall", "after", AckLevel::Quorum).await.expect("quorum post on the recovered node");
+    wait_for("the first node to hold the last post", || async {
+        let page = history(&cluster, 0, &ada, "stall").await?;
+        (page.len() == 4 && page.last() == Some(&id)).then_some(())
     })
     .await;
     cluster.shutdown().await;
