@@ -14,9 +14,10 @@
 //!   load a call carries many posts of many shards (one task, one fsync and one answer on the
 //!   peer for all of them). Once the oldest call has waited [`COURIER_STALL_MS`] (a slow fsync
 //!   on the peer), one more leaves, up to [`COURIER_CALLS_IN_FLIGHT_MAX`], carrying only what
-//!   the calls in flight do not; answers are taken in call order. Every replica pushes its own writes to every peer, so a third
-//!   replica's events reach the peer from that replica; relaying them at once too would send
-//!   each event to each peer twice (measured: about as many duplicates as new events).
+//!   the calls in flight do not; answers are taken in call order. Every replica pushes its
+//!   own writes to every peer, so a third replica's events reach the peer from that replica;
+//!   relaying them at once too would send each event to each peer twice (measured: about as
+//!   many duplicates as new events).
 //! - **The pusher** (one per local replica and other member of its group) does the rest, for
 //!   its shard:
 //!   - *Relay.* When a third replica's events arrive here, the pusher looks again
@@ -902,7 +903,14 @@ impl Courier {
                 if let Some(in_flight) = in_flight {
                     base.advance(Dot::new(me, in_flight.own));
                 }
-                let mut push = room_push(store, room, &base, side_behind).await?;
+                let mut push = match room_push(store, room, &base, side_behind).await {
+                    Ok(push) => push,
+                    Err(e) => {
+                        // This call never leaves: forget what it was to carry.
+                        self.in_flight.settle(id, &carried);
+                        return Err(e);
+                    }
+                };
                 if let Some(in_flight) = in_flight {
                     if in_flight.side == Some(push.sender.side_digest) {
                         push.side = None;
