@@ -12,8 +12,9 @@
 //!   copies, which the courier records — that record is what `quorum` acknowledgements wait on.
 //!   One call is in flight per peer node: what changes meanwhile goes in the next, so under
 //!   load a call carries many posts of many shards (one task, one fsync and one answer on the
-//!   peer for all of them). Once the oldest call has waited [`COURIER_STALL_MS`] (a slow fsync
-//!   on the peer), one more leaves, up to [`COURIER_CALLS_IN_FLIGHT_MAX`], carrying only what
+//!   peer for all of them). Once the oldest call has waited [`COURIER_STALL_MS`] and
+//!   [`COURIER_STALL_FACTOR`] times the usual answer time (a slow fsync on the peer), one more
+//!   leaves, up to [`COURIER_CALLS_IN_FLIGHT_MAX`], carrying only what
 //!   the calls in flight do not; answers are taken in call order. Every replica pushes its
 //!   own writes to every peer, so a third replica's events reach the peer from that replica;
 //!   relaying them at once too would send each event to each peer twice (measured: about as
@@ -85,10 +86,14 @@ pub const COURIER_EVENTS_PER_CALL_MAX: usize = 4_096;
 /// Most courier calls in flight to one peer node (see [`COURIER_STALL_MS`]).
 pub const COURIER_CALLS_IN_FLIGHT_MAX: usize = 4;
 /// A courier sends one call at a time (what changes meanwhile goes in the next, so under load
-/// a call carries many posts), but once the oldest call has waited this long (its answer
-/// waits for the peer's fsync, and that one is slow), one more leaves, up to
-/// [`COURIER_CALLS_IN_FLIGHT_MAX`]: a slow fsync on the peer does not hold up what follows.
+/// a call carries many posts), but once the oldest call has waited this long, and
+/// [`COURIER_STALL_FACTOR`] times as long as answers usually take (its answer waits for the
+/// peer's fsync, and that one is slow), one more leaves, up to [`COURIER_CALLS_IN_FLIGHT_MAX`]:
+/// a slow fsync on the peer does not hold up what follows. Under saturation every answer is
+/// slow, and more, smaller calls would only cost more CPU per post.
 pub const COURIER_STALL_MS: u64 = 2;
+/// See [`COURIER_STALL_MS`].
+pub const COURIER_STALL_FACTOR: u32 = 4;
 /// Rooms per page of an anti-entropy listing.
 pub const SYNC_ROOMS_PER_PAGE: usize = 1_024;
 /// Deadline of one replication call.
@@ -786,18 +791,21 @@ impl Courier {
         let mut sent_at: VecDeque<tokio::time::Instant> = VecDeque::new();
         // After a failed call: no new call before then (a pusher's wake ends the wait sooner).
         let mut retry_at: Option<tokio::time::Instant> = None;
-        let stall = Duration::from_millis(COURIER_STALL_MS);
+        // How long answers usually take (a moving average).
+        let mut usual = Duration::ZERO;
+        let mut stall = Duration::from_millis(COURIER_STALL_MS);
         // One call at a time (what changes meanwhile goes in the next: under load a call
         // carries many posts); one more once the oldest has waited `stall`.
-        let may_send = |sent_at: &VecDeque<tokio::time::Instant>, retry_at: Option<tokio::time::Instant>| {
-            retry_at.is_none()
-                && match sent_at.front() {
-                    None => true,
-                    Some(oldest) => sent_at.len() < COURIER_CALLS_IN_FLIGHT_MAX && oldest.elapsed() >= stall,
-                }
-        };
+        let may_send =
+            |sent_at: &VecDeque<tokio::time::Instant>, retry_at: Option<tokio::time::Instant>, stall: Duration| {
+                retry_at.is_none()
+                    && match sent_at.front() {
+                        None => true,
+                        Some(oldest) => sent_at.len() < COURIER_CALLS_IN_FLIGHT_MAX && oldest.elapsed() >= stall,
+                    }
+            };
         loop {
-            while may_send(&sent_at, retry_at) {
+            while may_send(&sent_at, retry_at, stall) {
                 // Seen before the shards are read: a change from now on wakes the wait below.
                 changes.borrow_and_update();
                 match self.next_call().await {
@@ -815,7 +823,7 @@ impl Courier {
                     }
                 }
             }
-            let can_send = may_send(&sent_at, retry_at);
+            let can_send = may_send(&sent_at, retry_at, stall);
             let stalls_at = match sent_at.front() {
                 Some(oldest) if !can_send && retry_at.is_none() && sent_at.len() < COURIER_CALLS_IN_FLIGHT_MAX => {
                     Some(*oldest + stall)
@@ -830,7 +838,10 @@ impl Courier {
             };
             tokio::select! {
                 Some((call, answer)) = calls.next(), if !calls.is_empty() => {
-                    sent_at.pop_front();
+                    if let Some(sent) = sent_at.pop_front() {
+                        usual = (usual * 7 + sent.elapsed()) / 8;
+                        stall = (usual * COURIER_STALL_FACTOR).max(Duration::from_millis(COURIER_STALL_MS));
+                    }
                     if let Err(e) = self.settle(call, answer) {
                         tracing::debug!(peer = %self.peer, error = %e, "courier push failed");
                         retry_at = Some(tokio::time::Instant::now() + Duration::from_millis(PUSH_RETRY_MS));
