@@ -731,7 +731,7 @@ impl CrdtStore {
                 self.apply_remote_unsynced(&room, &cell, events, side, now_ms)?;
             // A concurrent push may have written events of this room that its fsync has not
             // covered yet: they are in `version_vector` too, so they need an fsync as well.
-            wrote |= wrote_room || !cell.durable().dominates(&version_vector);
+            wrote |= wrote_room || !cell.durable.borrow().dominates(&version_vector);
             applied.push((room, cell, version_vector, side_changed));
         }
         Ok(StagedRooms { applied, wrote })

@@ -228,6 +228,24 @@ impl InProcessCluster {
     }
 }
 
+/// `room`, created by ada on the first node and joined by bob on the third, once every
+/// replica has applied the join. Returns their tokens.
+async fn room_of_two(cluster: &InProcessCluster, room: &str) -> (String, String) {
+    let (mut a, mut c) = (cluster.chat(0), cluster.chat(2));
+    let ada = user(&mut a, "ada").await;
+    let bob = user(&mut c, "bob").await;
+    a.create_room(authed(CreateRoomRequest { room: room.into(), ..Default::default() }, &ada)).await.expect("create");
+    let joined = c.join(authed(RoomRequest { room: room.into() }, &bob)).await.expect("join").into_inner();
+    wait_for("every replica to apply the join", || async {
+        let status = status_from(cluster, 0).await?;
+        let shard = status.shards.iter().find(|s| s.shard == joined.shard)?;
+        let applied = shard.replicas.iter().filter(|r| r.last_applied_index >= joined.log_index).count();
+        (applied == 3).then_some(())
+    })
+    .await;
+    (ada, bob)
+}
+
 /// Every message id of `room` as node `i` shows it, oldest first.
 async fn history(cluster: &InProcessCluster, i: usize, token: &str, room: &str) -> Option<Vec<String>> {
     let request = HistoryRequest { room: room.into(), limit: 500, oldest_first: true, ..Default::default() };
@@ -240,21 +258,9 @@ async fn a_cut_off_replica_keeps_accepting_and_all_converge_after_heal() {
     let net = Arc::new(Net::default());
     let cluster = InProcessCluster::start(3, 2, &net).await;
     let (mut a, mut b, mut c) = (cluster.chat(0), cluster.chat(1), cluster.chat(2));
-    let ada = user(&mut a, "ada").await;
-    let bob = user(&mut c, "bob").await;
-    a.create_room(authed(CreateRoomRequest { room: "split".into(), ..Default::default() }, &ada))
-        .await
-        .expect("create");
-    let joined = c.join(authed(RoomRequest { room: "split".into() }, &bob)).await.expect("join").into_inner();
     // Every replica has applied the join before the cut: the cut-off one checks membership
     // against its own applied state.
-    wait_for("every replica to apply the join", || async {
-        let status = status_from(&cluster, 0).await?;
-        let shard = status.shards.iter().find(|s| s.shard == joined.shard)?;
-        let applied = shard.replicas.iter().filter(|r| r.last_applied_index >= joined.log_index).count();
-        (applied == 3).then_some(())
-    })
-    .await;
+    let (ada, bob) = room_of_two(&cluster, "split").await;
     let mut acknowledged =
         vec![post(&mut c, &bob, "split", "before", AckLevel::Quorum).await.expect("post before the cut")];
 
@@ -442,19 +448,7 @@ async fn a_replica_whose_fsync_stalls_still_shows_its_subscribers_what_peers_sen
         vec![Arc::new(MemEngine::new()), Arc::new(MemEngine::new()), stalling.clone()];
     let cluster = InProcessCluster::start_on(engines, 2, &net).await;
     let (mut a, mut c) = (cluster.chat(0), cluster.chat(2));
-    let ada = user(&mut a, "ada").await;
-    let bob = user(&mut c, "bob").await;
-    a.create_room(authed(CreateRoomRequest { room: "stall".into(), ..Default::default() }, &ada))
-        .await
-        .expect("create");
-    let joined = c.join(authed(RoomRequest { room: "stall".into() }, &bob)).await.expect("join").into_inner();
-    wait_for("every replica to apply the join", || async {
-        let status = status_from(&cluster, 0).await?;
-        let shard = status.shards.iter().find(|s| s.shard == joined.shard)?;
-        let applied = shard.replicas.iter().filter(|r| r.last_applied_index >= joined.log_index).count();
-        (applied == 3).then_some(())
-    })
-    .await;
+    let (ada, bob) = room_of_two(&cluster, "stall").await;
     let request = SubscribeRequest { room: "stall".into(), version_vector: None };
     let mut stream = c.subscribe(authed(request, &bob)).await.expect("subscribe").into_inner();
     loop {
