@@ -363,6 +363,24 @@ impl ChatService for ChatApi {
         Ok(Response::new(Box::pin(until_stopped(replies, self.stopped.clone()))))
     }
 
+    type SubscribeRoomsStream = crate::connections::Counted<
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::SubscribeRoomsReply, Status>> + Send>>,
+    >;
+
+    async fn subscribe_rooms(
+        &self,
+        request: Request<tonic::Streaming<pb::SubscribeRoomsRequest>>,
+    ) -> Result<Response<Self::SubscribeRoomsStream>, Status> {
+        // Refuse a stream without a valid token at once; each start checks it again.
+        self.user(&request)?;
+        let token = bearer(&request).unwrap_or_default().to_owned();
+        // The stream counts as one subscription on its connection while it lives.
+        let slot = request.extensions().get::<ConnectionInfo>().map(ConnectionInfo::subscription).transpose()?;
+        let events = crate::subscribe_rooms::serve(self.ops.clone(), token, request.into_inner(), self.stopped.clone());
+        let events = until_stopped(events, self.stopped.clone());
+        Ok(Response::new(crate::connections::Counted::new(Box::pin(events), slot)))
+    }
+
     async fn typing(&self, request: Request<pb::TypingRequest>) -> Result<Response<pb::EventAck>, Status> {
         let user = self.user(&request)?;
         Ok(Response::new(dispatch::typing(&self.ops, &user, request.into_inner()).await?))

@@ -67,6 +67,7 @@ pub mod replicas;
 pub mod replication;
 pub mod routing;
 pub mod subscribe;
+pub mod subscribe_rooms;
 
 pub use env::{Clock, Dialer, NodeEnv, SharedRng, SystemClock, TcpDialer};
 pub use error::ApiError;

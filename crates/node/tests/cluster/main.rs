@@ -10,6 +10,7 @@ mod messages;
 mod partition;
 mod pipeline;
 mod routing;
+mod subscribe_rooms;
 mod websocket;
 
 use harness::{TestCluster, authed, code, login, user, wait_for};

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use palaver_ids::RoomId;
 use palaver_ids::{NodeId, ShardId};
 use palaver_proto::v1::{
-    AckLevel, CreateRoomRequest, EditRequest, HistoryRequest, ReactRequest, RoomEvent, RoomRequest, StatusResponse,
-    SubscribeRequest, TypingRequest, VersionVector, room_event,
+    AckLevel, CreateRoomRequest, EditRequest, HistoryRequest, ReactRequest, RoomEvent, RoomRequest, RoomSubscription,
+    StatusResponse, SubscribeRequest, SubscribeRoomsRequest, TypingRequest, VersionVector, room_event,
 };
 use palaver_router::{Dht, DhtConfig, Entry, RecordKey, RecordSeal, ShardEpoch, ShardRecord, ShardRing};
 
@@ -162,13 +162,19 @@ async fn five_nodes_serve_a_room_from_nodes_that_hold_none_of_it() {
     let mut sorted = read_messages(&mut stream, &mut version_vector, 3).await;
     sorted.sort();
     assert_eq!(sorted, ["far-0", "far-1", "far-2"]);
-    // A second subscriber of the room on e shares e's one feed of it.
-    let request = SubscribeRequest { room: room.clone(), version_vector: None };
-    let mut second = at_e.subscribe(authed(request, &ada)).await.expect("second subscriber").into_inner();
-    let mut second_vector = std::collections::BTreeMap::new();
-    let mut second_live = read_messages(&mut second, &mut second_vector, 3).await;
-    second_live.sort();
-    assert_eq!(second_live, sorted);
+    // A second subscriber of the room on e, on a SubscribeRooms stream, shares e's one feed of
+    // it.
+    let (control, requests) = tokio::sync::mpsc::channel(1);
+    let start = RoomSubscription { id: 7, room: room.clone(), version_vector: None };
+    control.send(SubscribeRoomsRequest { start: vec![start], stop: Vec::new() }).await.expect("send");
+    let mut second = at_e
+        .subscribe_rooms(authed(tokio_stream::wrappers::ReceiverStream::new(requests), &ada))
+        .await
+        .expect("second subscriber")
+        .into_inner();
+    let mut held = crate::subscribe_rooms::Held::default();
+    held.read_until(&mut second, "the room's posts on e", |held| held.sorted(7).len() == 3).await;
+    assert_eq!(held.sorted(7), sorted);
     let e_status = cluster.status_from(e).await;
     let e_node = e_status.nodes.iter().find(|n| n.grpc_addr == cluster.nodes[e].addr).expect("node e");
     assert_eq!(e_node.feeds_open, 1, "one upstream feed per room per node, not per subscriber");

@@ -8,9 +8,11 @@
 //!   paces itself under the node's per-user write limit; `--in-flight` writers (one post in
 //!   flight each) share the users round-robin. With `--rate` the writers post on a schedule
 //!   instead of as fast as they can.
-//! - Each subscriber is one user, a member of every room, with one `Subscribe` stream per room
-//!   on one node (subscribers are spread over the nodes), resumed from its version vector if a
-//!   stream breaks.
+//! - Each subscriber is one user, a member of every room, with one `SubscribeRooms` stream
+//!   carrying all its rooms on one node (subscribers are spread over the nodes; with `--attach`
+//!   other than `any`, one stream per node it attaches to), or with `--subscribe each` one
+//!   `Subscribe` stream per room. A subscription that ends or a stream that breaks is resumed
+//!   from its version vector.
 //! - A body carries its run, send time, user and sequence number, so each delivery is timed and
 //!   checked off. After a run the bench waits (up to [`DRAIN_DEADLINE_MS`]) until every
 //!   subscriber holds every acknowledged post; what is still absent is reported as missing.
@@ -23,8 +25,8 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::{
-    AckLevel, CreateRoomRequest, MessageEventKind, PostRequest, RoomRequest, SubscribeRequest, VersionVector,
-    pipeline_reply, pipeline_request, room_event,
+    AckLevel, CreateRoomRequest, MessageEventKind, PostRequest, RoomRequest, RoomSubscription, SubscribeRequest,
+    SubscribeRoomsRequest, VersionVector, pipeline_reply, pipeline_request, room_event, room_subscription_event,
 };
 use tonic::transport::Channel;
 
@@ -62,6 +64,15 @@ enum Attach {
     Compare,
 }
 
+/// How subscribers receive their rooms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SubscribeWith {
+    /// One `SubscribeRooms` stream per subscriber and node, carrying all its rooms there.
+    Rooms,
+    /// One `Subscribe` stream per subscriber and room.
+    Each,
+}
+
 #[derive(Debug, Args)]
 pub struct PostsBenchArgs {
     #[command(flatten)]
@@ -84,6 +95,10 @@ pub struct PostsBenchArgs {
     /// Subscribers, each subscribed to every room.
     #[arg(long, default_value_t = 1)]
     subscribers: usize,
+    /// How each subscriber receives its rooms: `rooms`, one `SubscribeRooms` stream per node
+    /// it attaches to (as a chat client would); `each`, one `Subscribe` stream per room.
+    #[arg(long, value_enum, default_value_t = SubscribeWith::Rooms)]
+    subscribe: SubscribeWith,
     /// Acknowledgement level of each post.
     #[arg(long, value_enum, default_value_t = Ack::Quorum)]
     ack: Ack,
@@ -228,7 +243,47 @@ pub(super) fn parse_body(body: &str) -> Option<(u32, u64, u64)> {
     Some((run, sent, key(user, seq)))
 }
 
-/// Follow one room for one subscriber, recording every bench post into slot `index`.
+/// Record one event of subscription `index` (`first`: its first `caught_up` is still to come).
+fn record(deliveries: &Deliveries, index: usize, epoch: Instant, event: room_event::Event, first: &mut bool) {
+    let Some(have) = deliveries.have.get(index) else { return };
+    match event {
+        room_event::Event::CaughtUp(_) if *first => {
+            *first = false;
+            deliveries.caught_up.fetch_add(1, Ordering::Relaxed);
+        }
+        room_event::Event::Message(event) => {
+            if let Some(position) = &event.position {
+                let mut have = lock(have);
+                let counter = have.entry(position.replica).or_default();
+                *counter = (*counter).max(position.counter);
+            }
+            if event.kind != MessageEventKind::Posted as i32 {
+                return;
+            }
+            let Some((run, sent_us, key)) = event.message.as_ref().and_then(|m| parse_body(&m.body)) else {
+                return;
+            };
+            let latency_us =
+                u32::try_from((epoch.elapsed().as_micros() as u64).saturating_sub(sent_us)).unwrap_or(u32::MAX);
+            if let Some(slot) = deliveries.received.get(index) {
+                lock(slot).entry(run).or_default().push((key, latency_us));
+            }
+            if u64::from(run) == deliveries.run.load(Ordering::Relaxed) {
+                deliveries.count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The version vector subscription `index` holds.
+fn held(deliveries: &Deliveries, index: usize) -> VersionVector {
+    let entries = deliveries.have.get(index).map(|have| lock(have).iter().map(|(r, c)| (*r, *c)).collect());
+    VersionVector { entries: entries.unwrap_or_default() }
+}
+
+/// Follow one room for one subscriber on a `Subscribe` stream of its own, recording every
+/// bench post into slot `index`.
 async fn follow(
     channel: Channel,
     token: String,
@@ -238,11 +293,9 @@ async fn follow(
     deliveries: Arc<Deliveries>,
 ) {
     let mut client = ChatServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
-    let Some(have) = deliveries.have.get(index) else { return };
     let mut first = true;
     loop {
-        let entries = lock(have).iter().map(|(r, c)| (*r, *c)).collect();
-        let request = SubscribeRequest { room: room.clone(), version_vector: Some(VersionVector { entries }) };
+        let request = SubscribeRequest { room: room.clone(), version_vector: Some(held(&deliveries, index)) };
         let stream = match authed(request, &token) {
             Ok(request) => client.subscribe(request).await,
             Err(_) => return,
@@ -254,38 +307,69 @@ async fn follow(
                 continue;
             }
         };
-        loop {
-            let event = match stream.message().await {
-                Ok(Some(event)) => event,
-                _ => break,
-            };
-            match event.event {
-                Some(room_event::Event::CaughtUp(_)) if first => {
-                    first = false;
-                    deliveries.caught_up.fetch_add(1, Ordering::Relaxed);
+        while let Ok(Some(event)) = stream.message().await {
+            if let Some(event) = event.event {
+                record(&deliveries, index, epoch, event, &mut first);
+            }
+        }
+        deliveries.resumed.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Follow many rooms for one subscriber on one `SubscribeRooms` stream: `rooms` holds each
+/// room and its slot; the subscription's id is its place in `rooms`.
+async fn follow_rooms(
+    channel: Channel,
+    token: String,
+    rooms: Vec<(String, usize)>,
+    epoch: Instant,
+    deliveries: Arc<Deliveries>,
+) {
+    let mut client = ChatServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let mut first = vec![true; rooms.len()];
+    let start = |id: usize, deliveries: &Deliveries| {
+        let (room, index) = &rooms[id];
+        RoomSubscription { id: id as u64, room: room.clone(), version_vector: Some(held(deliveries, *index)) }
+    };
+    loop {
+        let (control, requests) = tokio::sync::mpsc::channel::<SubscribeRoomsRequest>(16);
+        let starts = (0..rooms.len()).map(|id| start(id, &deliveries)).collect();
+        if control.send(SubscribeRoomsRequest { start: starts, stop: Vec::new() }).await.is_err() {
+            return;
+        }
+        let stream = match authed(tokio_stream::wrappers::ReceiverStream::new(requests), &token) {
+            Ok(request) => client.subscribe_rooms(request).await,
+            Err(_) => return,
+        };
+        let mut stream = match stream {
+            Ok(stream) => stream.into_inner(),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        while let Ok(Some(reply)) = stream.message().await {
+            for event in reply.events {
+                let Ok(id) = usize::try_from(event.id) else { continue };
+                let (Some((_, index)), Some(first)) = (rooms.get(id), first.get_mut(id)) else { continue };
+                match event.body {
+                    Some(room_subscription_event::Body::Event(event)) => {
+                        if let Some(event) = event.event {
+                            record(&deliveries, *index, epoch, event, first);
+                        }
+                    }
+                    Some(room_subscription_event::Body::End(_)) => {
+                        // Resume this room alone, from what it holds.
+                        deliveries.resumed.fetch_add(1, Ordering::Relaxed);
+                        let (control, again) = (control.clone(), start(id, &deliveries));
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            let _ = control.send(SubscribeRoomsRequest { start: vec![again], stop: Vec::new() }).await;
+                        });
+                    }
+                    None => {}
                 }
-                Some(room_event::Event::Message(event)) => {
-                    if let Some(position) = &event.position {
-                        let mut have = lock(have);
-                        let counter = have.entry(position.replica).or_default();
-                        *counter = (*counter).max(position.counter);
-                    }
-                    if event.kind != MessageEventKind::Posted as i32 {
-                        continue;
-                    }
-                    let Some((run, sent_us, key)) = event.message.as_ref().and_then(|m| parse_body(&m.body)) else {
-                        continue;
-                    };
-                    let latency_us =
-                        u32::try_from((epoch.elapsed().as_micros() as u64).saturating_sub(sent_us)).unwrap_or(u32::MAX);
-                    if let Some(slot) = deliveries.received.get(index) {
-                        lock(slot).entry(run).or_default().push((key, latency_us));
-                    }
-                    if u64::from(run) == deliveries.run.load(Ordering::Relaxed) {
-                        deliveries.count.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                _ => {}
             }
         }
         deliveries.resumed.fetch_add(1, Ordering::Relaxed);
@@ -419,11 +503,26 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
             let mut connections = Connections::new(&cluster.addrs);
             for k in 0..args.subscribers {
                 let token = tokens[args.users + k].clone();
+                let mut by_node: BTreeMap<usize, Vec<(String, usize)>> = BTreeMap::new();
                 for (r, room) in rooms.iter().enumerate() {
-                    let channel = connections.for_stream(attach[r][k % attach[r].len()])?;
-                    let task =
-                        follow(channel, token.clone(), room.clone(), k * rooms.len() + r, epoch, deliveries.clone());
-                    followers.push(tokio::spawn(task));
+                    let node = attach[r][k % attach[r].len()];
+                    by_node.entry(node).or_default().push((room.clone(), k * rooms.len() + r));
+                }
+                for (node, rooms) in by_node {
+                    match args.subscribe {
+                        SubscribeWith::Rooms => {
+                            let channel = connections.for_stream(node)?;
+                            let task = follow_rooms(channel, token.clone(), rooms, epoch, deliveries.clone());
+                            followers.push(tokio::spawn(task));
+                        }
+                        SubscribeWith::Each => {
+                            for (room, index) in rooms {
+                                let channel = connections.for_stream(node)?;
+                                let task = follow(channel, token.clone(), room, index, epoch, deliveries.clone());
+                                followers.push(tokio::spawn(task));
+                            }
+                        }
+                    }
                 }
             }
             let deadline = Instant::now() + Duration::from_secs(60);
