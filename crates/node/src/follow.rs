@@ -30,7 +30,7 @@ use crate::feed::Feed;
 use crate::lock;
 use crate::node::NodeInner;
 use crate::ops::Ops;
-use crate::subscribe::{EventSink, Gone};
+use crate::subscribe::TaggedSink;
 
 /// Events queued on one stream (the replica's side) before its follows wait for the network.
 pub const FOLLOW_STREAM_QUEUE_EVENTS: usize = 1_024;
@@ -44,32 +44,16 @@ pub const FOLLOWS_PER_STREAM_MAX: usize = 65_536;
 // ---------------------------------------------------------------------------------------------
 // The replica's side.
 
-/// Where one follow's events go: the stream's shared queue, tagged with the follow's id.
-struct StreamSink {
-    id: u64,
-    events: mpsc::Sender<pb::FollowEvent>,
-}
-
 fn ended(id: u64, status: &Status) -> pb::FollowEvent {
     let end = pb::LinkError { code: status.code() as i32, message: status.message().to_owned() };
     pb::FollowEvent { id, body: Some(Body::End(end)) }
 }
 
-impl EventSink for StreamSink {
-    async fn deliver(&self, event: Result<pb::RoomEvent, Status>) -> Result<(), Gone> {
-        let event = match event {
-            Ok(event) => pb::FollowEvent { id: self.id, body: Some(Body::Event(event)) },
-            Err(status) => ended(self.id, &status),
-        };
-        self.events.send(event).await.map_err(|_| Gone)
-    }
-
-    async fn closed(&self) {
-        self.events.closed().await;
-    }
-
-    fn is_closed(&self) -> bool {
-        self.events.is_closed()
+/// A follow's event (or its end) on the stream.
+fn tagged(id: u64, event: Result<pb::RoomEvent, Status>) -> pb::FollowEvent {
+    match event {
+        Ok(event) => pb::FollowEvent { id, body: Some(Body::Event(event)) },
+        Err(status) => ended(id, &status),
     }
 }
 
@@ -103,7 +87,7 @@ pub fn serve(
                     Some(Status::resource_exhausted(format!("{FOLLOWS_PER_STREAM_MAX} follows on one stream")))
                 } else {
                     let have = convert::version_vector_from_pb(start.have.as_ref());
-                    let sink = StreamSink { id: start.id, events: events.clone() };
+                    let sink = TaggedSink { id: start.id, events: events.clone(), tag: tagged };
                     match ops.follow_into(&start.room, have, sink) {
                         Ok(task) => {
                             follows.insert(start.id, tokio::spawn(task).abort_handle());

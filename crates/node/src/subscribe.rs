@@ -84,6 +84,45 @@ impl EventSink for mpsc::Sender<Result<pb::RoomEvent, Status>> {
     }
 }
 
+/// One of many subscriptions sharing a stream: its events go into the stream's one queue,
+/// each made into the stream's item by `tag` with the subscription's id (an `Err`: the end it
+/// ends with). Used by `SubscribeRooms` ([`crate::subscribe_rooms`]) and `FollowRooms`
+/// ([`crate::follow`]).
+pub struct TaggedSink<T> {
+    /// The subscription's id on its stream.
+    pub id: u64,
+    /// The stream's queue.
+    pub events: mpsc::Sender<T>,
+    /// Makes an event (or the end) of subscription `id` into the stream's item.
+    pub tag: fn(u64, Result<pb::RoomEvent, Status>) -> T,
+}
+
+impl<T> std::fmt::Debug for TaggedSink<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaggedSink").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl<T> Clone for TaggedSink<T> {
+    fn clone(&self) -> Self {
+        Self { id: self.id, events: self.events.clone(), tag: self.tag }
+    }
+}
+
+impl<T: Send + 'static> EventSink for TaggedSink<T> {
+    async fn deliver(&self, event: Result<pb::RoomEvent, Status>) -> Result<(), Gone> {
+        self.events.send((self.tag)(self.id, event)).await.map_err(|_| Gone)
+    }
+
+    async fn closed(&self) {
+        self.events.closed().await;
+    }
+
+    fn is_closed(&self) -> bool {
+        self.events.is_closed()
+    }
+}
+
 /// A subscription to run (spawn it): it ends when the subscriber goes, or with an error
 /// delivered to its sink.
 pub type SubscriptionTask = futures::future::BoxFuture<'static, ()>;

@@ -25,7 +25,7 @@ use tonic::Status;
 use crate::convert;
 use crate::error::{ApiError, ERROR_CODE_METADATA_KEY, RETRY_AFTER_METADATA_KEY};
 use crate::ops::Ops;
-use crate::subscribe::{EventSink, Gone};
+use crate::subscribe::{EventSink, TaggedSink};
 
 /// Most subscriptions running on one stream.
 pub const SUBSCRIBE_ROOMS_PER_STREAM_MAX: usize = 1_024;
@@ -50,28 +50,11 @@ fn ended(id: u64, status: &Status) -> pb::RoomSubscriptionEvent {
     pb::RoomSubscriptionEvent { id, body: Some(Body::End(end_of(status))) }
 }
 
-/// Where one subscription's events go: the stream's queue, tagged with its id.
-#[derive(Clone)]
-struct StreamSink {
-    id: u64,
-    events: mpsc::Sender<pb::RoomSubscriptionEvent>,
-}
-
-impl EventSink for StreamSink {
-    async fn deliver(&self, event: Result<pb::RoomEvent, Status>) -> Result<(), Gone> {
-        let event = match event {
-            Ok(event) => pb::RoomSubscriptionEvent { id: self.id, body: Some(Body::Event(event)) },
-            Err(status) => ended(self.id, &status),
-        };
-        self.events.send(event).await.map_err(|_| Gone)
-    }
-
-    async fn closed(&self) {
-        self.events.closed().await;
-    }
-
-    fn is_closed(&self) -> bool {
-        self.events.is_closed()
+/// A subscription's event (or its end) on the stream.
+fn tagged(id: u64, event: Result<pb::RoomEvent, Status>) -> pb::RoomSubscriptionEvent {
+    match event {
+        Ok(event) => pb::RoomSubscriptionEvent { id, body: Some(Body::Event(event)) },
+        Err(status) => ended(id, &status),
     }
 }
 
@@ -120,7 +103,7 @@ pub fn serve(
                 if let Some(task) = running.remove(&start.id) {
                     task.abort();
                 }
-                let sink = StreamSink { id: start.id, events: events.clone() };
+                let sink = TaggedSink { id: start.id, events: events.clone(), tag: tagged };
                 let refused = if running.len() >= SUBSCRIBE_ROOMS_PER_STREAM_MAX {
                     Some(ApiError::LimitReached {
                         what: "subscriptions on one SubscribeRooms stream".into(),

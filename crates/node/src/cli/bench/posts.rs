@@ -282,6 +282,20 @@ fn held(deliveries: &Deliveries, index: usize) -> VersionVector {
     VersionVector { entries: entries.unwrap_or_default() }
 }
 
+/// How long a subscriber waits before it resubscribes.
+const RESUME_PAUSE: Duration = Duration::from_millis(100);
+
+/// The stream a subscribe call opened, or `None` after [`RESUME_PAUSE`] (the caller retries).
+async fn opened<T>(call: Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>) -> Option<tonic::Streaming<T>> {
+    match call {
+        Ok(stream) => Some(stream.into_inner()),
+        Err(_) => {
+            tokio::time::sleep(RESUME_PAUSE).await;
+            None
+        }
+    }
+}
+
 /// Follow one room for one subscriber on a `Subscribe` stream of its own, recording every
 /// bench post into slot `index`.
 async fn follow(
@@ -300,20 +314,14 @@ async fn follow(
             Ok(request) => client.subscribe(request).await,
             Err(_) => return,
         };
-        let mut stream = match stream {
-            Ok(stream) => stream.into_inner(),
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let Some(mut stream) = opened(stream).await else { continue };
         while let Ok(Some(event)) = stream.message().await {
             if let Some(event) = event.event {
                 record(&deliveries, index, epoch, event, &mut first);
             }
         }
         deliveries.resumed.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(RESUME_PAUSE).await;
     }
 }
 
@@ -342,13 +350,7 @@ async fn follow_rooms(
             Ok(request) => client.subscribe_rooms(request).await,
             Err(_) => return,
         };
-        let mut stream = match stream {
-            Ok(stream) => stream.into_inner(),
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let Some(mut stream) = opened(stream).await else { continue };
         while let Ok(Some(reply)) = stream.message().await {
             for event in reply.events {
                 let Ok(id) = usize::try_from(event.id) else { continue };
@@ -364,7 +366,7 @@ async fn follow_rooms(
                         deliveries.resumed.fetch_add(1, Ordering::Relaxed);
                         let (control, again) = (control.clone(), start(id, &deliveries));
                         tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            tokio::time::sleep(RESUME_PAUSE).await;
                             let _ = control.send(SubscribeRoomsRequest { start: vec![again], stop: Vec::new() }).await;
                         });
                     }
@@ -373,7 +375,7 @@ async fn follow_rooms(
             }
         }
         deliveries.resumed.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(RESUME_PAUSE).await;
     }
 }
 
