@@ -1,22 +1,26 @@
 //! The chat client's side of the wire: one gRPC channel to the node named by `--addr`, the
 //! login token, the unary calls (idempotent writes retried while the error says a retry can
-//! succeed), and one subscription task per joined room.
+//! succeed), and one `SubscribeRooms` stream carrying every joined room.
 //!
-//! A subscription task keeps the room's version vector and passes each event on once: an event
-//! whose dot the vector covers is dropped. When the stream breaks (the node died, the stream was
-//! ended `resource_exhausted`, the channel reconnected), the task resubscribes from that vector
+//! The subscription task keeps each room's version vector and passes each event on once: an
+//! event whose dot the vector covers is dropped. When the stream breaks (the node died, the
+//! channel reconnected), the task opens another and resubscribes every room from its vector,
 //! after a pause that doubles from [`RESUBSCRIBE_BACKOFF_MS_MIN`] to
-//! [`RESUBSCRIBE_BACKOFF_MS_MAX`], so the client misses nothing and sees nothing twice. An
-//! error that no retry can fix (`not_member`, `room_not_found`, `unauthenticated`, …) ends the
-//! task.
+//! [`RESUBSCRIBE_BACKOFF_MS_MAX`], so the client misses nothing and sees nothing twice. One
+//! room whose subscription ends (`resource_exhausted` for a slow reader, `unavailable`) is
+//! resumed alone the same way, with its own pause; an error that no retry can fix
+//! (`not_member`, `room_not_found`, `unauthenticated`, …) ends that room's subscription.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use palaver_proto::v1 as pb;
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::room_event::Event;
+use palaver_proto::v1::room_subscription_event::Body;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -302,54 +306,150 @@ impl Session {
         self.call(request, |mut c, r| async move { c.mark_read(r).await }).await.map(|_| ())
     }
 
-    async fn subscribe(
+    /// Open a `SubscribeRooms` stream whose starts and stops are `requests`.
+    async fn subscribe_rooms(
         &self,
-        room: &str,
-        have: &BTreeMap<u64, u64>,
-    ) -> Result<tonic::Streaming<pb::RoomEvent>, Status> {
+        requests: mpsc::Receiver<pb::SubscribeRoomsRequest>,
+    ) -> Result<tonic::Streaming<pb::SubscribeRoomsReply>, Status> {
         let mut client = self.client.clone();
-        let version_vector = pb::VersionVector { entries: have.iter().map(|(r, c)| (*r, *c)).collect() };
-        let request =
-            self.authed(pb::SubscribeRequest { room: room.to_owned(), version_vector: Some(version_vector) })?;
-        match tokio::time::timeout(Duration::from_millis(CALL_TIMEOUT_MS), client.subscribe(request)).await {
+        let request = self.authed(tokio_stream::wrappers::ReceiverStream::new(requests))?;
+        match tokio::time::timeout(Duration::from_millis(CALL_TIMEOUT_MS), client.subscribe_rooms(request)).await {
             Ok(result) => Ok(result?.into_inner()),
             Err(_) => Err(Status::deadline_exceeded(format!("no subscription within {CALL_TIMEOUT_MS} ms"))),
         }
     }
 }
 
-/// The running subscription tasks, one per room; each is aborted and awaited when it stops.
+/// The client's subscriptions: one task that keeps every joined room on one `SubscribeRooms`
+/// stream (started with the first room, aborted and awaited at shutdown).
 #[derive(Debug, Default)]
 pub struct Subscriptions {
-    tasks: BTreeMap<String, JoinHandle<()>>,
+    driver: Option<(mpsc::UnboundedSender<Control>, JoinHandle<()>)>,
+}
+
+/// What the client asks of the subscription task.
+#[derive(Debug)]
+enum Control {
+    /// Follow a room from a version vector (replacing a running subscription to it).
+    Start { room: String, have: BTreeMap<u64, u64> },
+    /// Stop following a room.
+    Stop(String),
 }
 
 impl Subscriptions {
     /// Subscribe to `room` from the version vector `have` (replacing a running subscription),
     /// passing its events to `out`.
     pub fn start(&mut self, session: &Session, room: &str, have: BTreeMap<u64, u64>, out: &mpsc::Sender<Incoming>) {
-        self.stop(room);
-        let task = tokio::spawn(follow(session.clone(), room.to_owned(), have, out.clone()));
-        self.tasks.insert(room.to_owned(), task);
+        let (controls, _) = self.driver.get_or_insert_with(|| {
+            let (controls, receiver) = mpsc::unbounded_channel();
+            (controls, tokio::spawn(drive(session.clone(), receiver, out.clone())))
+        });
+        let _ = controls.send(Control::Start { room: room.to_owned(), have });
     }
 
     /// Stop the subscription to `room`, if any.
     pub fn stop(&mut self, room: &str) {
-        if let Some(task) = self.tasks.remove(room) {
-            task.abort();
+        if let Some((controls, _)) = &self.driver {
+            let _ = controls.send(Control::Stop(room.to_owned()));
         }
     }
 
-    /// Stop every subscription and wait until their tasks are gone.
+    /// Stop every subscription and wait until the task is gone.
     pub async fn shutdown(&mut self) {
-        for (_, task) in std::mem::take(&mut self.tasks) {
+        if let Some((_, task)) = self.driver.take() {
             task.abort();
             let _ = task.await;
         }
     }
 }
 
-/// How one subscription stream ended.
+/// One followed room: its id on the current stream, what it holds, its own backoff.
+#[derive(Debug)]
+struct Followed {
+    id: u64,
+    have: BTreeMap<u64, u64>,
+    pause_ms: u64,
+}
+
+/// The start of `followed` on a stream, under a fresh id.
+fn start_of(room: &str, followed: &mut Followed, next_id: &mut u64) -> pb::RoomSubscription {
+    *next_id += 1;
+    followed.id = *next_id;
+    let entries = followed.have.iter().map(|(r, c)| (*r, *c)).collect();
+    pb::RoomSubscription { id: followed.id, room: room.to_owned(), version_vector: Some(pb::VersionVector { entries }) }
+}
+
+/// A subscription's end as the status its own `Subscribe` stream would have ended with.
+fn end_status(end: &pb::PipelineError) -> Status {
+    let mut status = Status::new(Code::from(end.grpc_code), end.message.clone());
+    if let Ok(code) = end.code.parse() {
+        status.metadata_mut().insert("palaver-error", code);
+    }
+    status
+}
+
+/// The subscription task: every followed room on one stream, resumed from the rooms' version
+/// vectors when it breaks (after a pause that doubles while attempts fail); one room whose
+/// subscription ends is resumed alone, or reported ended if no retry can help.
+async fn drive(session: Session, mut controls: mpsc::UnboundedReceiver<Control>, out: mpsc::Sender<Incoming>) {
+    let mut rooms: BTreeMap<String, Followed> = BTreeMap::new();
+    let mut next_id = 0u64;
+    let mut pause_ms = RESUBSCRIBE_BACKOFF_MS_MIN;
+    loop {
+        // Without rooms there is nothing to open: wait for one.
+        while rooms.is_empty() {
+            match controls.recv().await {
+                Some(Control::Start { room, have }) => {
+                    rooms.insert(room, Followed { id: 0, have, pause_ms: RESUBSCRIBE_BACKOFF_MS_MIN });
+                }
+                Some(Control::Stop(_)) => {}
+                None => return,
+            }
+        }
+        let (requests, outgoing) = mpsc::channel(INCOMING_QUEUE_EVENTS);
+        let mut starts = Vec::with_capacity(rooms.len());
+        for (room, followed) in &mut rooms {
+            let catching_up = Incoming::Link { room: room.clone(), link: Link::CatchingUp, error: None };
+            if out.send(catching_up).await.is_err() {
+                return;
+            }
+            starts.push(start_of(room, followed, &mut next_id));
+        }
+        let _ = requests.try_send(pb::SubscribeRoomsRequest { start: starts, stop: Vec::new() });
+        let status = match session.subscribe_rooms(outgoing).await {
+            Ok(stream) => {
+                let open = Open { requests: &requests, rooms: &mut rooms, next_id: &mut next_id, out: &out };
+                match open.serve(stream, &mut controls, &mut pause_ms).await {
+                    StreamEnd::Gone => return,
+                    StreamEnd::Broken(status) => status,
+                }
+            }
+            Err(status) => status,
+        };
+        let notice = if resumable(&status) {
+            |room: &String, status: &Status| Incoming::Link {
+                room: room.clone(),
+                link: Link::Reconnecting,
+                error: Some(describe(status)),
+            }
+        } else {
+            |room: &String, status: &Status| Incoming::Ended { room: room.clone(), reason: describe(status) }
+        };
+        for room in rooms.keys() {
+            if out.send(notice(room, &status)).await.is_err() {
+                return;
+            }
+        }
+        if !resumable(&status) {
+            rooms.clear();
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        pause_ms = (pause_ms * 2).min(RESUBSCRIBE_BACKOFF_MS_MAX);
+    }
+}
+
+/// How a stream ended.
 enum StreamEnd {
     /// The client stopped listening.
     Gone,
@@ -357,64 +457,138 @@ enum StreamEnd {
     Broken(Status),
 }
 
-/// One room's subscription, resumed from its version vector until it ends for good.
-async fn follow(session: Session, room: String, mut have: BTreeMap<u64, u64>, out: mpsc::Sender<Incoming>) {
-    let mut pause_ms = RESUBSCRIBE_BACKOFF_MS_MIN;
-    loop {
-        let catching_up = Incoming::Link { room: room.clone(), link: Link::CatchingUp, error: None };
-        if out.send(catching_up).await.is_err() {
-            return;
+/// An open stream and what the task keeps for it.
+struct Open<'a> {
+    requests: &'a mpsc::Sender<pb::SubscribeRoomsRequest>,
+    rooms: &'a mut BTreeMap<String, Followed>,
+    next_id: &'a mut u64,
+    out: &'a mpsc::Sender<Incoming>,
+}
+
+impl Open<'_> {
+    /// Start `room`'s subscription on the stream under a fresh id, recorded in `by_id`.
+    async fn start(&mut self, room: String, by_id: &mut HashMap<u64, String>) -> Result<(), StreamEnd> {
+        let Some(followed) = self.rooms.get_mut(&room) else { return Ok(()) };
+        let start = start_of(&room, followed, self.next_id);
+        by_id.insert(start.id, room.clone());
+        let catching_up = Incoming::Link { room, link: Link::CatchingUp, error: None };
+        self.out.send(catching_up).await.map_err(|_| StreamEnd::Gone)?;
+        let request = pb::SubscribeRoomsRequest { start: vec![start], stop: Vec::new() };
+        self.requests.send(request).await.map_err(|_| StreamEnd::Broken(Status::unavailable("stream closed")))
+    }
+
+    /// Serve the stream: the client's starts and stops go onto it, each room's new events to
+    /// the client once; a room whose subscription ends is resumed alone after its pause, or
+    /// reported ended. Returns when the stream breaks or the client stops listening.
+    async fn serve(
+        mut self,
+        mut stream: tonic::Streaming<pb::SubscribeRoomsReply>,
+        controls: &mut mpsc::UnboundedReceiver<Control>,
+        pause_ms: &mut u64,
+    ) -> StreamEnd {
+        let mut by_id: HashMap<u64, String> = self.rooms.iter().map(|(room, f)| (f.id, room.clone())).collect();
+        // Rooms whose subscription ended, each with the id it ended under, after its pause.
+        let mut restarts: FuturesUnordered<Restart> = FuturesUnordered::new();
+        loop {
+            let step = tokio::select! {
+                control = controls.recv() => match control {
+                    None => Err(StreamEnd::Gone),
+                    Some(Control::Start { room, have }) => {
+                        let followed = Followed { id: 0, have, pause_ms: RESUBSCRIBE_BACKOFF_MS_MIN };
+                        if let Some(replaced) = self.rooms.insert(room.clone(), followed) {
+                            by_id.remove(&replaced.id);
+                        }
+                        self.start(room, &mut by_id).await
+                    }
+                    Some(Control::Stop(room)) => match self.rooms.remove(&room) {
+                        Some(followed) => {
+                            by_id.remove(&followed.id);
+                            let request = pb::SubscribeRoomsRequest { start: Vec::new(), stop: vec![followed.id] };
+                            let _ = self.requests.send(request).await;
+                            Ok(())
+                        }
+                        None => Ok(()),
+                    },
+                },
+                Some((room, id)) = restarts.next(), if !restarts.is_empty() => {
+                    // Unless the room was stopped or started again meanwhile.
+                    match self.rooms.get(&room) {
+                        Some(followed) if followed.id == id => self.start(room, &mut by_id).await,
+                        _ => Ok(()),
+                    }
+                }
+                reply = stream.message() => match reply {
+                    Ok(Some(reply)) => self.take(reply, &mut by_id, &mut restarts, pause_ms).await,
+                    Ok(None) => Err(StreamEnd::Broken(Status::unavailable("the node ended the subscriptions"))),
+                    Err(status) => Err(StreamEnd::Broken(status)),
+                },
+            };
+            if let Err(end) = step {
+                return end;
+            }
         }
-        let status = match session.subscribe(&room, &have).await {
-            Ok(stream) => match pass_on(stream, &mut have, &out, &mut pause_ms).await {
-                StreamEnd::Gone => return,
-                StreamEnd::Broken(status) => status,
-            },
-            Err(status) => status,
-        };
-        if !resumable(&status) {
-            let _ = out.send(Incoming::Ended { room: room.clone(), reason: describe(&status) }).await;
-            return;
+    }
+
+    /// Pass a reply's new events on, advancing each room's vector; a catch-up resets the
+    /// backoffs; an end schedules the room's restart or reports it ended.
+    async fn take(
+        &mut self,
+        reply: pb::SubscribeRoomsReply,
+        by_id: &mut HashMap<u64, String>,
+        restarts: &mut FuturesUnordered<Restart>,
+        pause_ms: &mut u64,
+    ) -> Result<(), StreamEnd> {
+        for event in reply.events {
+            // Events of a stopped or replaced subscription may still arrive: dropped.
+            let Some(room) = by_id.get(&event.id).cloned() else { continue };
+            let Some(followed) = self.rooms.get_mut(&room) else { continue };
+            match event.body {
+                Some(Body::Event(event)) => {
+                    match &event.event {
+                        Some(Event::Message(message)) => {
+                            let Some(position) = message.position.as_ref() else { continue };
+                            let held = followed.have.entry(position.replica).or_default();
+                            if position.counter <= *held {
+                                continue;
+                            }
+                            *held = position.counter;
+                        }
+                        Some(Event::CaughtUp(_)) => {
+                            followed.pause_ms = RESUBSCRIBE_BACKOFF_MS_MIN;
+                            *pause_ms = RESUBSCRIBE_BACKOFF_MS_MIN;
+                        }
+                        _ => {}
+                    }
+                    self.out.send(Incoming::Event(Box::new(event))).await.map_err(|_| StreamEnd::Gone)?;
+                }
+                Some(Body::End(end)) => {
+                    by_id.remove(&event.id);
+                    let status = end_status(&end);
+                    let notice = if resumable(&status) {
+                        let pause = followed.pause_ms;
+                        followed.pause_ms = (pause * 2).min(RESUBSCRIBE_BACKOFF_MS_MAX);
+                        restarts.push(Box::pin(restart_after(room.clone(), event.id, pause)));
+                        Incoming::Link { room, link: Link::Reconnecting, error: Some(describe(&status)) }
+                    } else {
+                        self.rooms.remove(&room);
+                        Incoming::Ended { room, reason: describe(&status) }
+                    };
+                    self.out.send(notice).await.map_err(|_| StreamEnd::Gone)?;
+                }
+                None => {}
+            }
         }
-        let reconnecting =
-            Incoming::Link { room: room.clone(), link: Link::Reconnecting, error: Some(describe(&status)) };
-        if out.send(reconnecting).await.is_err() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
-        pause_ms = (pause_ms * 2).min(RESUBSCRIBE_BACKOFF_MS_MAX);
+        Ok(())
     }
 }
 
-/// Pass a stream's new events on, advancing `have`; a catch-up resets the backoff.
-async fn pass_on(
-    mut stream: tonic::Streaming<pb::RoomEvent>,
-    have: &mut BTreeMap<u64, u64>,
-    out: &mpsc::Sender<Incoming>,
-    pause_ms: &mut u64,
-) -> StreamEnd {
-    loop {
-        let event = match stream.message().await {
-            Ok(Some(event)) => event,
-            Ok(None) => return StreamEnd::Broken(Status::unavailable("the node ended the subscription")),
-            Err(status) => return StreamEnd::Broken(status),
-        };
-        match &event.event {
-            Some(Event::Message(message)) => {
-                let Some(position) = message.position.as_ref() else { continue };
-                let held = have.entry(position.replica).or_default();
-                if position.counter <= *held {
-                    continue;
-                }
-                *held = position.counter;
-            }
-            Some(Event::CaughtUp(_)) => *pause_ms = RESUBSCRIBE_BACKOFF_MS_MIN,
-            _ => {}
-        }
-        if out.send(Incoming::Event(Box::new(event))).await.is_err() {
-            return StreamEnd::Gone;
-        }
-    }
+/// A room's restart: `(room, the id its subscription ended under)`, after its pause.
+type Restart = futures::future::BoxFuture<'static, (String, u64)>;
+
+/// `(room, id)` once `pause_ms` has passed.
+async fn restart_after(room: String, id: u64, pause_ms: u64) -> (String, u64) {
+    tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+    (room, id)
 }
 
 /// Whether a subscription that ended with `status` can be resumed.
@@ -466,6 +640,21 @@ mod tests {
             assert_eq!(retryable(&status), call, "call retried on {code:?} {palaver:?}");
             assert_eq!(resumable(&status), subscription, "subscription resumed on {code:?} {palaver:?}");
         }
+    }
+
+    #[test]
+    fn a_subscriptions_end_is_judged_as_its_own_stream_status_would_be() {
+        let end = |code: &str, grpc: Code| pb::PipelineError {
+            code: code.into(),
+            grpc_code: grpc as i32,
+            message: "x".into(),
+            retry_after_ms: 0,
+        };
+        let kicked = end_status(&end("not_member", Code::FailedPrecondition));
+        assert_eq!((describe(&kicked).as_str(), resumable(&kicked)), ("not_member: x", false));
+        let slow = end_status(&end("slow_consumer", Code::ResourceExhausted));
+        assert_eq!((error_code(&slow).as_str(), resumable(&slow)), ("slow_consumer", true));
+        assert!(resumable(&end_status(&end("unavailable", Code::Unavailable))));
     }
 
     #[tokio::test]
