@@ -157,6 +157,20 @@ async fn many_rooms_share_one_stream_and_each_subscription_ends_and_resumes_on_i
     post(&mut first, &bo, "north", "north-5", AckLevel::Quorum).await.expect("post");
     held.read_until(&mut stream, "north still live", |held| held.sorted(1).len() == 9).await;
 
+    // A stream runs at most SUBSCRIBE_ROOMS_PER_STREAM_MAX subscriptions; one more is refused
+    // alone.
+    let max = palaver_node::subscribe_rooms::SUBSCRIBE_ROOMS_PER_STREAM_MAX as u64;
+    let (control, requests) = mpsc::channel(1);
+    control.send(start((1..=max + 1).map(|id| fresh(id, "north")).collect())).await.expect("send");
+    let mut crowded =
+        second.subscribe_rooms(authed(ReceiverStream::new(requests), &ada)).await.expect("opens").into_inner();
+    let mut many = Held::default();
+    many.read_until(&mut crowded, "every subscription caught up, one refused", |held| {
+        held.caught_up.len() == max as usize && held.ended.len() == 1
+    })
+    .await;
+    assert_eq!(many.ended[&(max + 1)].code, "limit_reached", "{:?}", many.ended);
+
     // No token, no stream.
     let (_control, requests) = mpsc::channel::<SubscribeRoomsRequest>(1);
     let refused = cluster.chat(2).subscribe_rooms(ReceiverStream::new(requests)).await.expect_err("no token");
