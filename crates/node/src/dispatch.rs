@@ -275,7 +275,7 @@ pub fn pipeline_op_name(op: &pb::pipeline_request::Op) -> &'static str {
 /// Every `ChatService` operation: its gRPC method and its label — the WebSocket `op`, the
 /// `Pipeline` operation's name and the metrics label. The one list the surfaces name
 /// operations from.
-pub const OPERATIONS: [(&str, &str); 24] = [
+pub const OPERATIONS: [(&str, &str); 25] = [
     ("Register", "register"),
     ("Login", "login"),
     ("CreateRoom", "create_room"),
@@ -300,6 +300,7 @@ pub const OPERATIONS: [(&str, &str); 24] = [
     ("Typing", "typing"),
     ("MarkRead", "mark_read"),
     ("Pipeline", "pipeline"),
+    ("SubscribeRooms", "subscribe_rooms"),
 ];
 
 /// The label of an operation named `label` by a client, if there is one (so that clients
