@@ -54,6 +54,9 @@ pub const WS_READ_BUFFER_BYTES: usize = 2 * 1024;
 pub const WS_FRAMES_PER_SECOND: u32 = 100;
 /// Frames a connection may send at once.
 pub const WS_FRAME_BURST: u32 = 200;
+/// Most queued frames written with one flush (one system call, unless they pass the socket
+/// writer's buffer).
+pub const WS_FRAMES_PER_WRITE_MAX: usize = 64;
 /// Most subscriptions open on one connection.
 pub const WS_SUBSCRIPTIONS_MAX: usize = 256;
 /// Most frames of one connection running at once.
@@ -326,15 +329,19 @@ impl Outbox {
         if let Some(closing) = &queue.closing {
             return Some(Next::Close(Some(closing.clone())));
         }
-        if let Some(message) = queue.frames.pop_front() {
-            // An emptied queue gives back what a burst made it grow to: idle connections keep
-            // a few slots at most, busy ones do not allocate per frame.
-            if queue.frames.is_empty() && queue.frames.capacity() > WS_OUTBOUND_SLOTS_KEPT {
-                queue.frames = VecDeque::new();
-            }
+        if let Some(message) = pop_frame(&mut queue) {
             return Some(Next::Write(message));
         }
         queue.finished.then_some(Next::Close(None))
+    }
+
+    /// The next queued frame, if one is queued and the session is not closing.
+    fn try_next_frame(&self) -> Option<Message> {
+        let mut queue = self.state();
+        if queue.closing.is_some() {
+            return None;
+        }
+        pop_frame(&mut queue)
     }
 
     /// `bytes` of frames were written: room for senders.
@@ -344,6 +351,16 @@ impl Outbox {
         drop(queue);
         self.shared.room.notify_waiters();
     }
+}
+
+/// The oldest queued frame. An emptied queue gives back what a burst made it grow to: idle
+/// connections keep a few slots at most, busy ones do not allocate per frame.
+fn pop_frame(queue: &mut Queue) -> Option<Message> {
+    let message = queue.frames.pop_front()?;
+    if queue.frames.is_empty() && queue.frames.capacity() > WS_OUTBOUND_SLOTS_KEPT {
+        queue.frames = VecDeque::new();
+    }
+    Some(message)
 }
 
 /// What the writer does next.
@@ -718,9 +735,8 @@ async fn write_frames(mut sink: futures::stream::SplitSink<WebSocket, Message>, 
     loop {
         match out.next_for_writer().await {
             Next::Write(message) => {
-                let size = text_bytes(&message);
-                match tokio::time::timeout(write_deadline, sink.send(message)).await {
-                    Ok(Ok(())) => out.written(size),
+                match tokio::time::timeout(write_deadline, write_batch(&mut sink, &out, message)).await {
+                    Ok(Ok(size)) => out.written(size),
                     Ok(Err(_)) => break,
                     Err(_) => {
                         let error = ApiError::SlowConsumer("the socket did not drain".into());
@@ -738,6 +754,25 @@ async fn write_frames(mut sink: futures::stream::SplitSink<WebSocket, Message>, 
         }
     }
     out.set_gone();
+}
+
+/// Write `first` and the frames queued behind it (at most [`WS_FRAMES_PER_WRITE_MAX`]) with
+/// one flush, so that frames that were ready together leave in one system call; the bytes
+/// written.
+async fn write_batch<S: futures::Sink<Message> + Unpin>(
+    sink: &mut S,
+    out: &Outbox,
+    first: Message,
+) -> Result<usize, S::Error> {
+    let mut size = text_bytes(&first);
+    sink.feed(first).await?;
+    for _ in 1..WS_FRAMES_PER_WRITE_MAX {
+        let Some(message) = out.try_next_frame() else { break };
+        size += text_bytes(&message);
+        sink.feed(message).await?;
+    }
+    sink.flush().await?;
+    Ok(size)
 }
 
 async fn close_with(sink: &mut futures::stream::SplitSink<WebSocket, Message>, why: Option<Closing>) {
@@ -771,6 +806,63 @@ mod tests {
             }
             Next::Close(_) => panic!("the writer was told to close"),
         }
+    }
+
+    /// A sink that records what it was given and how often it was flushed.
+    #[derive(Default)]
+    struct Recorder {
+        frames: Vec<Message>,
+        flushes: usize,
+    }
+
+    impl futures::Sink<Message> for Recorder {
+        type Error = std::convert::Infallible;
+
+        fn poll_ready(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn start_send(mut self: std::pin::Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            self.frames.push(item);
+            Ok(())
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            self.flushes += 1;
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_queued_together_leave_with_one_flush_and_a_close_waits_for_its_turn() {
+        let out = Outbox::new(crate::metrics::Metrics::default());
+        for n in 1..=WS_FRAMES_PER_WRITE_MAX + 2 {
+            assert_eq!(out.send(text(n), String::new).await, Ok(()));
+        }
+        let mut sink = Recorder::default();
+        let Next::Write(first) = out.next_for_writer().await else { panic!("a frame is queued") };
+        let size = write_batch(&mut sink, &out, first).await.expect("written");
+        assert_eq!((sink.frames.len(), sink.flushes), (WS_FRAMES_PER_WRITE_MAX, 1));
+        assert_eq!(size, (1..=WS_FRAMES_PER_WRITE_MAX).sum::<usize>());
+        // The rest is the next batch; a close decided meanwhile is not written within it.
+        let Next::Write(next) = out.next_for_writer().await else { panic!("two frames are left") };
+        assert!(out.close(CLOSE_SLOW_CONSUMER, ApiError::SlowConsumer("test".into())));
+        write_batch(&mut sink, &out, next).await.expect("written");
+        assert_eq!((sink.frames.len(), sink.flushes), (WS_FRAMES_PER_WRITE_MAX + 1, 2));
+        assert!(matches!(out.next_for_writer().await, Next::Close(Some(_))));
     }
 
     #[tokio::test]
