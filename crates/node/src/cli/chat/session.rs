@@ -495,8 +495,11 @@ impl Open<'_> {
                     None => Err(StreamEnd::Gone),
                     Some(Control::Start { room, have }) => {
                         let followed = Followed { id: 0, have, pause_ms: RESUBSCRIBE_BACKOFF_MS_MIN };
-                        if let Some(replaced) = self.rooms.insert(room.clone(), followed) {
-                            by_id.remove(&replaced.id);
+                        if let Some(replaced) = self.rooms.insert(room.clone(), followed)
+                            && by_id.remove(&replaced.id).is_some()
+                        {
+                            let request = pb::SubscribeRoomsRequest { start: Vec::new(), stop: vec![replaced.id] };
+                            let _ = self.requests.send(request).await;
                         }
                         self.start(room, &mut by_id).await
                     }
