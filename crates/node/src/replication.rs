@@ -714,23 +714,23 @@ struct Carried {
     call: u64,
 }
 
-/// What the courier's calls in flight carry, by (shard, room): the next call sends only what
+/// What the courier's calls in flight carry, by shard and room: the next call sends only what
 /// comes after.
 #[derive(Debug, Default)]
 struct InFlight {
-    rooms: HashMap<(ShardId, RoomId), Carried>,
+    shards: HashMap<ShardId, HashMap<RoomId, Carried>>,
 }
 
 impl InFlight {
     /// What calls in flight carry of `room`.
     fn get(&self, shard: ShardId, room: &RoomId) -> Option<Carried> {
-        self.rooms.get(&(shard, room.clone())).copied()
+        self.shards.get(&shard)?.get(room).copied()
     }
 
     /// Call `call` carries `room`'s own events up to `own`, and its side state of digest
     /// `side` if given.
     fn carry(&mut self, call: u64, shard: ShardId, room: RoomId, own: u64, side: Option<[u8; 32]>) {
-        let entry = self.rooms.entry((shard, room)).or_insert(Carried { own, side: None, call });
+        let entry = self.shards.entry(shard).or_default().entry(room).or_insert(Carried { own, side: None, call });
         entry.own = entry.own.max(own);
         entry.call = call;
         if side.is_some() {
@@ -742,9 +742,12 @@ impl InFlight {
     /// carries the room too.
     fn settle(&mut self, call: u64, carried: &[(ShardId, RoomId, u64)]) {
         for (shard, room, _) in carried {
-            let key = (*shard, room.clone());
-            if self.rooms.get(&key).is_some_and(|carried| carried.call == call) {
-                self.rooms.remove(&key);
+            let Some(rooms) = self.shards.get_mut(shard) else { continue };
+            if rooms.get(room).is_some_and(|carried| carried.call == call) {
+                rooms.remove(room);
+                if rooms.is_empty() {
+                    self.shards.remove(shard);
+                }
             }
         }
     }

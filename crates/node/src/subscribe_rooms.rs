@@ -103,7 +103,6 @@ pub fn serve(
                 if let Some(task) = running.remove(&start.id) {
                     task.abort();
                 }
-                let sink = TaggedSink { id: start.id, events: events.clone(), tag: tagged };
                 let refused = if running.len() >= SUBSCRIBE_ROOMS_PER_STREAM_MAX {
                     Some(ApiError::LimitReached {
                         what: "subscriptions on one SubscribeRooms stream".into(),
@@ -113,6 +112,7 @@ pub fn serve(
                     match ops.authenticate(Some(&token)) {
                         Ok(user) => {
                             let ops = ops.clone();
+                            let sink = TaggedSink { id: start.id, events: events.clone(), tag: tagged };
                             let have = convert::version_vector_from_pb(start.version_vector.as_ref());
                             let task = tokio::spawn(async move {
                                 match ops.subscribe_into(&user, &start.room, have, sink.clone()).await {

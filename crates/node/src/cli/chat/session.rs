@@ -426,21 +426,19 @@ async fn drive(session: Session, mut controls: mpsc::UnboundedReceiver<Control>,
             }
             Err(status) => status,
         };
-        let notice = if resumable(&status) {
-            |room: &String, status: &Status| Incoming::Link {
-                room: room.clone(),
-                link: Link::Reconnecting,
-                error: Some(describe(status)),
-            }
-        } else {
-            |room: &String, status: &Status| Incoming::Ended { room: room.clone(), reason: describe(status) }
-        };
+        let resume = resumable(&status);
         for room in rooms.keys() {
-            if out.send(notice(room, &status)).await.is_err() {
+            let (room, why) = (room.clone(), describe(&status));
+            let notice = if resume {
+                Incoming::Link { room, link: Link::Reconnecting, error: Some(why) }
+            } else {
+                Incoming::Ended { room, reason: why }
+            };
+            if out.send(notice).await.is_err() {
                 return;
             }
         }
-        if !resumable(&status) {
+        if !resume {
             rooms.clear();
             continue;
         }
