@@ -1,8 +1,9 @@
 //! The chat client's side of the wire: one gRPC channel to the node named by `--addr`, the
 //! login token, the unary calls (idempotent writes retried while the error says a retry can
-//! succeed), and one `SubscribeRooms` stream carrying every joined room.
+//! succeed), and `SubscribeRooms` streams carrying the joined rooms (one stream per
+//! [`ROOMS_PER_STREAM_MAX`] rooms, the most a node runs on one stream).
 //!
-//! The subscription task keeps each room's version vector and passes each event on once: an
+//! Each stream's task keeps each of its rooms' version vector and passes each event on once: an
 //! event whose dot the vector covers is dropped. When the stream breaks (the node died, the
 //! channel reconnected), the task opens another and resubscribes every room from its vector,
 //! after a pause that doubles from [`RESUBSCRIBE_BACKOFF_MS_MIN`] to
@@ -320,14 +321,54 @@ impl Session {
     }
 }
 
-/// The client's subscriptions: one task that keeps every joined room on one `SubscribeRooms`
-/// stream (started with the first room, aborted and awaited at shutdown).
+/// The client's subscriptions: one task per `SubscribeRooms` stream, each keeping up to
+/// [`ROOMS_PER_STREAM_MAX`] joined rooms on its stream (a node runs at most that many
+/// subscriptions on one stream), started with the first room it gets; all aborted and awaited
+/// at shutdown.
 #[derive(Debug, Default)]
 pub struct Subscriptions {
-    driver: Option<(mpsc::UnboundedSender<Control>, JoinHandle<()>)>,
+    drivers: Vec<(mpsc::UnboundedSender<Control>, JoinHandle<()>)>,
+    placement: Placement,
 }
 
-/// What the client asks of the subscription task.
+/// Most rooms the client keeps on one stream: the node's limit.
+pub const ROOMS_PER_STREAM_MAX: usize = palaver_node::subscribe_rooms::SUBSCRIBE_ROOMS_PER_STREAM_MAX;
+
+/// Which stream follows each room: a room stays on the stream it was placed on until stopped;
+/// a new room goes to the first stream with room to spare, or to a new one.
+#[derive(Debug, Default)]
+struct Placement {
+    streams: Vec<usize>,
+    rooms: HashMap<String, usize>,
+}
+
+impl Placement {
+    /// The stream for `room` (placing it if new).
+    fn place(&mut self, room: &str) -> usize {
+        if let Some(stream) = self.rooms.get(room) {
+            return *stream;
+        }
+        let stream = match self.streams.iter().position(|count| *count < ROOMS_PER_STREAM_MAX) {
+            Some(stream) => stream,
+            None => {
+                self.streams.push(0);
+                self.streams.len() - 1
+            }
+        };
+        self.streams[stream] += 1;
+        self.rooms.insert(room.to_owned(), stream);
+        stream
+    }
+
+    /// Forget `room`: the stream that followed it, if one did.
+    fn remove(&mut self, room: &str) -> Option<usize> {
+        let stream = self.rooms.remove(room)?;
+        self.streams[stream] -= 1;
+        Some(stream)
+    }
+}
+
+/// What the client asks of a subscription task.
 #[derive(Debug)]
 enum Control {
     /// Follow a room from a version vector (replacing a running subscription to it).
@@ -340,26 +381,30 @@ impl Subscriptions {
     /// Subscribe to `room` from the version vector `have` (replacing a running subscription),
     /// passing its events to `out`.
     pub fn start(&mut self, session: &Session, room: &str, have: BTreeMap<u64, u64>, out: &mpsc::Sender<Incoming>) {
-        let (controls, _) = self.driver.get_or_insert_with(|| {
+        let stream = self.placement.place(room);
+        while self.drivers.len() <= stream {
             let (controls, receiver) = mpsc::unbounded_channel();
-            (controls, tokio::spawn(drive(session.clone(), receiver, out.clone())))
-        });
-        let _ = controls.send(Control::Start { room: room.to_owned(), have });
+            self.drivers.push((controls, tokio::spawn(drive(session.clone(), receiver, out.clone()))));
+        }
+        let _ = self.drivers[stream].0.send(Control::Start { room: room.to_owned(), have });
     }
 
     /// Stop the subscription to `room`, if any.
     pub fn stop(&mut self, room: &str) {
-        if let Some((controls, _)) = &self.driver {
+        if let Some(stream) = self.placement.remove(room)
+            && let Some((controls, _)) = self.drivers.get(stream)
+        {
             let _ = controls.send(Control::Stop(room.to_owned()));
         }
     }
 
-    /// Stop every subscription and wait until the task is gone.
+    /// Stop every subscription and wait until the tasks are gone.
     pub async fn shutdown(&mut self) {
-        if let Some((_, task)) = self.driver.take() {
+        for (_, task) in self.drivers.drain(..) {
             task.abort();
             let _ = task.await;
         }
+        self.placement = Placement::default();
     }
 }
 
@@ -388,7 +433,7 @@ fn end_status(end: &pb::PipelineError) -> Status {
     status
 }
 
-/// The subscription task: every followed room on one stream, resumed from the rooms' version
+/// A subscription task: its followed rooms on one stream, resumed from the rooms' version
 /// vectors when it breaks (after a pause that doubles while attempts fail); one room whose
 /// subscription ends is resumed alone, or reported ended if no retry can help.
 async fn drive(session: Session, mut controls: mpsc::UnboundedReceiver<Control>, out: mpsc::Sender<Incoming>) {
@@ -656,6 +701,27 @@ mod tests {
         let slow = end_status(&end("slow_consumer", Code::ResourceExhausted));
         assert_eq!((error_code(&slow).as_str(), resumable(&slow)), ("slow_consumer", true));
         assert!(resumable(&end_status(&end("unavailable", Code::Unavailable))));
+    }
+
+    #[test]
+    fn rooms_fill_a_stream_to_the_nodes_limit_before_the_next_opens() {
+        let mut placement = Placement::default();
+        let rooms: Vec<String> = (0..2 * ROOMS_PER_STREAM_MAX + 1).map(|i| format!("r{i}")).collect();
+        let streams: Vec<usize> = rooms.iter().map(|room| placement.place(room)).collect();
+        assert_eq!(streams[0], 0);
+        assert_eq!(streams[ROOMS_PER_STREAM_MAX - 1], 0);
+        assert_eq!(streams[ROOMS_PER_STREAM_MAX], 1, "room {} opens a second stream", ROOMS_PER_STREAM_MAX + 1);
+        assert_eq!(streams[2 * ROOMS_PER_STREAM_MAX], 2);
+        assert_eq!(placement.streams, vec![ROOMS_PER_STREAM_MAX, ROOMS_PER_STREAM_MAX, 1]);
+        // Starting a followed room again keeps it where it is.
+        assert_eq!(placement.place("r5"), 0);
+        assert_eq!(placement.streams[0], ROOMS_PER_STREAM_MAX);
+        // A stopped room frees its place on its stream, and the next new room takes it.
+        assert_eq!(placement.remove("r5"), Some(0));
+        assert_eq!(placement.remove("r5"), None);
+        assert_eq!(placement.place("new"), 0);
+        assert_eq!(placement.place("newer"), 2);
+        assert!(placement.streams.iter().all(|count| *count <= ROOMS_PER_STREAM_MAX));
     }
 
     #[tokio::test]
