@@ -736,19 +736,46 @@ fn summarize(results: &[RunResult], modes: &[Attach], in_flights: &[usize], roun
             );
         }
         if modes.len() == 2 {
-            let (near, far) = (of(0), of(1));
-            let pairs: Vec<(RunResult, RunResult)> = near.into_iter().zip(far).collect();
-            let cost: Vec<f64> =
-                pairs.iter().map(|(n, f)| 100.0 * (1.0 - f.posts_per_s / n.posts_per_s.max(1.0))).collect();
-            let ack: Vec<f64> = pairs.iter().map(|(n, f)| f.ack_p50_ms - n.ack_p50_ms).collect();
-            let rounds: Vec<String> = cost.iter().map(|c| format!("{c:.0}%")).collect();
+            let pairs: Vec<(RunResult, RunResult)> = of(0).into_iter().zip(of(1)).collect();
+            let hop = HopCost::of(&pairs);
+            let rounds: Vec<String> = hop.throughput_pct.iter().map(|c| format!("{c:.0}%")).collect();
+            let cpu = median(hop.node_cpu_pct.clone()).map_or_else(|| "-".to_owned(), |c| format!("{c:+.1}%"));
             println!(
-                "the hop ({in_flight} in flight): median {:.1}% of throughput (rounds: {}), ack p50 +{:.2} ms",
-                median(cost.clone()).unwrap_or(0.0),
+                "the hop ({in_flight} in flight): median {:.1}% of throughput (rounds: {}), node cpu per post {cpu}, \
+                 ack p50 +{:.2} ms",
+                median(hop.throughput_pct.clone()).unwrap_or(0.0),
                 rounds.join(", "),
-                median(ack).unwrap_or(0.0),
+                median(hop.ack_p50_ms).unwrap_or(0.0),
             );
         }
+    }
+}
+
+/// What the second attachment cost against the first, round by round.
+#[derive(Debug, Default, PartialEq)]
+struct HopCost {
+    /// Throughput lost, in percent of the first attachment's.
+    throughput_pct: Vec<f64>,
+    /// Node CPU per post added, in percent (rounds where both runs measured it). Steadier than
+    /// throughput on a shared host: another tenant's load slows both the same way.
+    node_cpu_pct: Vec<f64>,
+    /// Ack p50 added, in ms.
+    ack_p50_ms: Vec<f64>,
+}
+
+impl HopCost {
+    fn of(pairs: &[(RunResult, RunResult)]) -> Self {
+        let mut cost = Self::default();
+        for (near, far) in pairs {
+            cost.throughput_pct.push(100.0 * (1.0 - far.posts_per_s / near.posts_per_s.max(1.0)));
+            if let (Some(n), Some(f)) = (near.node_cpu_us, far.node_cpu_us)
+                && n > 0.0
+            {
+                cost.node_cpu_pct.push(100.0 * (f / n - 1.0));
+            }
+            cost.ack_p50_ms.push(far.ack_p50_ms - near.ack_p50_ms);
+        }
+        cost
     }
 }
 
@@ -763,5 +790,26 @@ mod tests {
         assert_eq!(parse_body(&text), Some((3, 123_456, key(7, 9))));
         assert_eq!(parse_body("hello"), None);
         assert_eq!(parse_body("bench x"), None);
+    }
+
+    #[test]
+    fn the_hop_is_costed_round_by_round_in_throughput_cpu_and_latency() {
+        let run = |mode, posts_per_s, ack_p50_ms, node_cpu_us| RunResult {
+            mode,
+            in_flight: 64,
+            posts_per_s,
+            ack_p50_ms,
+            delivery_p50_ms: 1.0,
+            node_cpu_us,
+        };
+        let pairs = [
+            (run(0, 5_000.0, 10.0, Some(400.0)), run(1, 4_000.0, 12.5, Some(500.0))),
+            (run(0, 4_000.0, 11.0, None), run(1, 4_400.0, 10.0, Some(380.0))),
+        ];
+        let hop = HopCost::of(&pairs);
+        let rounded = |values: &[f64]| values.iter().map(|v| (v * 1e6).round() / 1e6).collect::<Vec<_>>();
+        assert_eq!(rounded(&hop.throughput_pct), vec![20.0, -10.0]);
+        assert_eq!(rounded(&hop.node_cpu_pct), vec![25.0], "a round without both CPU figures is left out");
+        assert_eq!(rounded(&hop.ack_p50_ms), vec![2.5, -1.0]);
     }
 }
