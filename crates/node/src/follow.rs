@@ -30,7 +30,7 @@ use crate::feed::Feed;
 use crate::lock;
 use crate::node::NodeInner;
 use crate::ops::Ops;
-use crate::subscribe::TaggedSink;
+use crate::subscribe::{Running, TaggedSink};
 
 /// Events queued on one stream (the replica's side) before its follows wait for the network.
 pub const FOLLOW_STREAM_QUEUE_EVENTS: usize = 1_024;
@@ -66,7 +66,7 @@ pub fn serve(
 ) -> impl futures::Stream<Item = Result<pb::FollowEvents, Status>> + Send + 'static {
     let (events, outgoing) = mpsc::channel::<pb::FollowEvent>(FOLLOW_STREAM_QUEUE_EVENTS);
     tokio::spawn(async move {
-        let mut follows: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
+        let mut follows = Running::default();
         loop {
             let control = tokio::select! {
                 control = incoming.message() => control,
@@ -74,23 +74,21 @@ pub fn serve(
                 _ = stopped.wait_for(|stop| *stop) => break,
             };
             let Ok(Some(control)) = control else { break };
-            follows.retain(|_, task| !task.is_finished());
+            follows.prune();
             for id in control.stop {
-                if let Some(task) = follows.remove(&id) {
-                    task.abort();
-                }
+                follows.stop(id);
             }
             for start in control.start {
-                let refused = if follows.contains_key(&start.id) {
+                let refused = if follows.contains(start.id) {
                     Some(Status::invalid_argument(format!("follow {} is already running", start.id)))
-                } else if follows.len() >= FOLLOWS_PER_STREAM_MAX {
+                } else if follows.held() >= FOLLOWS_PER_STREAM_MAX {
                     Some(Status::resource_exhausted(format!("{FOLLOWS_PER_STREAM_MAX} follows on one stream")))
                 } else {
                     let have = convert::version_vector_from_pb(start.have.as_ref());
                     let sink = TaggedSink { id: start.id, events: events.clone(), tag: tagged };
                     match ops.follow_into(&start.room, have, sink) {
                         Ok(task) => {
-                            follows.insert(start.id, tokio::spawn(task).abort_handle());
+                            follows.spawn(start.id, task);
                             None
                         }
                         Err(error) => Some(Status::from(error)),
@@ -102,9 +100,6 @@ pub fn serve(
                     break;
                 }
             }
-        }
-        for task in follows.values() {
-            task.abort();
         }
     });
     futures::stream::unfold(outgoing, |mut outgoing| async move {

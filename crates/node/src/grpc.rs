@@ -188,6 +188,13 @@ impl ChatApi {
     fn user<T>(&self, request: &Request<T>) -> Result<palaver_ids::UserName, Status> {
         Ok(self.ops.authenticate(bearer(request))?)
     }
+
+    /// The token of a stream whose requests each check it again (so that a token expiring
+    /// mid-stream stops working); a stream without a valid one is refused at once.
+    fn stream_token<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        self.user(request)?;
+        Ok(bearer(request).unwrap_or_default().to_owned())
+    }
 }
 
 #[tonic::async_trait]
@@ -315,10 +322,7 @@ impl ChatService for ChatApi {
         &self,
         request: Request<tonic::Streaming<pb::PipelineRequest>>,
     ) -> Result<Response<Self::PipelineStream>, Status> {
-        // Refuse a stream without a valid token at once; then check it on every request, so
-        // that a token expiring mid-stream stops working.
-        self.user(&request)?;
-        let token = bearer(&request).unwrap_or_default().to_owned();
+        let token = self.stream_token(&request)?;
         let mut incoming = request.into_inner();
         let (replies, outgoing) = mpsc::channel::<Result<pb::PipelineReply, Status>>(PIPELINE_IN_FLIGHT_MAX);
         let ops = self.ops.clone();
@@ -371,9 +375,7 @@ impl ChatService for ChatApi {
         &self,
         request: Request<tonic::Streaming<pb::SubscribeRoomsRequest>>,
     ) -> Result<Response<Self::SubscribeRoomsStream>, Status> {
-        // Refuse a stream without a valid token at once; each start checks it again.
-        self.user(&request)?;
-        let token = bearer(&request).unwrap_or_default().to_owned();
+        let token = self.stream_token(&request)?;
         // The stream counts as one subscription on its connection while it lives.
         let slot = request.extensions().get::<ConnectionInfo>().map(ConnectionInfo::subscription).transpose()?;
         let events = crate::subscribe_rooms::serve(self.ops.clone(), token, request.into_inner(), self.stopped.clone());

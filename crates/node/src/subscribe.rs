@@ -18,6 +18,7 @@
 //! without a user, which that node fans out to its own subscribers ([`crate::feed`]). On a node
 //! that holds no replica of the room's shard, [`Ops::subscribe`] goes through that feed.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use palaver_crdt::VersionVector;
@@ -120,6 +121,49 @@ impl<T: Send + 'static> EventSink for TaggedSink<T> {
 
     fn is_closed(&self) -> bool {
         self.events.is_closed()
+    }
+}
+
+/// The subscriptions running on one multiplexed stream (`SubscribeRooms`, `FollowRooms`), by
+/// the id the stream gave each; every one still running is aborted when this is dropped (the
+/// stream ended).
+#[derive(Debug, Default)]
+pub struct Running(HashMap<u64, tokio::task::AbortHandle>);
+
+impl Running {
+    /// Forget the subscriptions that have finished.
+    pub fn prune(&mut self) {
+        self.0.retain(|_, task| !task.is_finished());
+    }
+
+    /// How many are held (finished ones too, until [`Running::prune`]).
+    pub fn held(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether `id` is held.
+    pub fn contains(&self, id: u64) -> bool {
+        self.0.contains_key(&id)
+    }
+
+    /// Spawn `task` as subscription `id`.
+    pub fn spawn(&mut self, id: u64, task: impl Future<Output = ()> + Send + 'static) {
+        self.0.insert(id, tokio::spawn(task).abort_handle());
+    }
+
+    /// Stop subscription `id`, if it runs.
+    pub fn stop(&mut self, id: u64) {
+        if let Some(task) = self.0.remove(&id) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for task in self.0.values() {
+            task.abort();
+        }
     }
 }
 

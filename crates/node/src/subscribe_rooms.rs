@@ -15,8 +15,6 @@
 //! and then every subscription on the stream waits (pulling nothing from its room's log), as
 //! one slow `Subscribe` stream does.
 
-use std::collections::HashMap;
-
 use palaver_proto::v1 as pb;
 use palaver_proto::v1::room_subscription_event::Body;
 use tokio::sync::{mpsc, watch};
@@ -25,7 +23,7 @@ use tonic::Status;
 use crate::convert;
 use crate::error::{ApiError, ERROR_CODE_METADATA_KEY, RETRY_AFTER_METADATA_KEY};
 use crate::ops::Ops;
-use crate::subscribe::{EventSink, TaggedSink};
+use crate::subscribe::{EventSink, Running, TaggedSink};
 
 /// Most subscriptions running on one stream.
 pub const SUBSCRIBE_ROOMS_PER_STREAM_MAX: usize = 1_024;
@@ -70,7 +68,7 @@ pub fn serve(
     let (events, outgoing) = mpsc::channel::<pb::RoomSubscriptionEvent>(SUBSCRIBE_ROOMS_QUEUE_EVENTS);
     let (failed, failure) = tokio::sync::oneshot::channel::<Status>();
     tokio::spawn(async move {
-        let mut running: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
+        let mut running = Running::default();
         loop {
             let request = tokio::select! {
                 request = incoming.message() => request,
@@ -93,17 +91,13 @@ pub fn serve(
                     break;
                 }
             };
-            running.retain(|_, task| !task.is_finished());
+            running.prune();
             for id in request.stop {
-                if let Some(task) = running.remove(&id) {
-                    task.abort();
-                }
+                running.stop(id);
             }
             for start in request.start {
-                if let Some(task) = running.remove(&start.id) {
-                    task.abort();
-                }
-                let refused = if running.len() >= SUBSCRIBE_ROOMS_PER_STREAM_MAX {
+                running.stop(start.id);
+                let refused = if running.held() >= SUBSCRIBE_ROOMS_PER_STREAM_MAX {
                     Some(ApiError::LimitReached {
                         what: "subscriptions on one SubscribeRooms stream".into(),
                         limit: SUBSCRIBE_ROOMS_PER_STREAM_MAX,
@@ -114,7 +108,7 @@ pub fn serve(
                             let ops = ops.clone();
                             let sink = TaggedSink { id: start.id, events: events.clone(), tag: tagged };
                             let have = convert::version_vector_from_pb(start.version_vector.as_ref());
-                            let task = tokio::spawn(async move {
+                            running.spawn(start.id, async move {
                                 match ops.subscribe_into(&user, &start.room, have, sink.clone()).await {
                                     Ok(subscription) => subscription.await,
                                     Err(error) => {
@@ -122,7 +116,6 @@ pub fn serve(
                                     }
                                 }
                             });
-                            running.insert(start.id, task.abort_handle());
                             None
                         }
                         Err(error) => Some(error),
@@ -134,9 +127,6 @@ pub fn serve(
                     break;
                 }
             }
-        }
-        for task in running.values() {
-            task.abort();
         }
     });
     futures::stream::unfold((outgoing, Some(failure)), |(mut outgoing, mut failure)| async move {
