@@ -269,6 +269,7 @@ impl Node {
         // Whatever a crash left written but not fsynced becomes durable before anything is
         // served from it (CRDT events on disk are sent to peers and subscribers as durable).
         engine.sync()?;
+        palaver_shard::engine::ensure_layout(engine.as_ref())?;
         let group_commit = GroupCommit::start(engine.clone());
         let identity = NodeIdentity::load(engine.as_ref())?;
         let boot = crate::directory::next_boot(engine.as_ref())?;

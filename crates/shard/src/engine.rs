@@ -20,6 +20,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use crate::error::StorageError;
+use crate::keys;
 
 /// A column family: keys of one purpose. Names are stored on disk; never rename one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -32,9 +33,10 @@ pub enum Cf {
     Snapshot,
     /// This node's own identity: its node id and the cluster it belongs to.
     Node,
-    /// CRDT events of every room: `shard | room | hlc | replica | counter`.
+    /// CRDT events of every room: `shard | room hash | room | hlc | replica | counter`.
     RoomEvents,
-    /// Per-room CRDT state besides events (version vector, read markers): `shard | room | tag`.
+    /// Per-room CRDT state besides events (version vector, read markers):
+    /// `shard | room hash | room | tag`.
     RoomState,
 }
 
@@ -148,6 +150,40 @@ pub trait KvEngine: Send + Sync + fmt::Debug + 'static {
     fn scan_rev(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError>;
 }
 
+/// Check that `engine` holds data in the key layout this build reads ([`keys::LAYOUT`]), and
+/// record that layout in an empty one. Called before anything else reads the engine: keys of
+/// another layout would not be found (rooms would look empty) instead of failing.
+pub fn ensure_layout(engine: &dyn KvEngine) -> Result<(), StorageError> {
+    let expected = keys::LAYOUT;
+    if let Some(bytes) = engine.get(Cf::Node, keys::LAYOUT_KEY)? {
+        let found = <[u8; 4]>::try_from(bytes.as_slice())
+            .map(u32::from_be_bytes)
+            .map_err(|_| StorageError::corrupt(format!("layout record of {} bytes", bytes.len())))?;
+        return if found == expected { Ok(()) } else { Err(StorageError::Layout { found, expected }) };
+    }
+    let past_every_key = [0xff; 512];
+    for cf in Cf::ALL {
+        if !engine.scan(cf, &[], &past_every_key, 1)?.is_empty() {
+            // Written before the layout was recorded: the first layout.
+            return Err(StorageError::Layout { found: 1, expected });
+        }
+    }
+    let mut batch = WriteBatch::new();
+    batch.put(Cf::Node, keys::LAYOUT_KEY.to_vec(), expected.to_be_bytes().to_vec());
+    engine.write(batch)?;
+    engine.sync()
+}
+
+/// The fixed key prefix under which a family's keys are mostly appended in order: a room's
+/// events, a shard's log.
+fn insert_hint_prefix(cf: Cf) -> Option<usize> {
+    match cf {
+        Cf::RoomEvents => Some(keys::ROOM_KEY_FIXED_BYTES),
+        Cf::RaftLog => Some(keys::shard_prefix(palaver_ids::ShardId(0)).len()),
+        Cf::RaftState | Cf::Snapshot | Cf::Node | Cf::RoomState => None,
+    }
+}
+
 /// Memtable size of each column family (RocksDB may hold two per family before a flush).
 /// Set on every family: the database's own option does not carry over to them, and RocksDB's
 /// default, 64 MiB, let six families hold up to 768 MiB per node. (A smaller memtable also
@@ -227,7 +263,7 @@ impl RocksEngine {
         // Required by in-place updates (below); each write group's batches then go into the
         // memtables one after the other, which on a node's few cores costs nothing measurable.
         options.set_allow_concurrent_memtable_write(false);
-        let families = Cf::ALL.iter().map(|cf| {
+        let families = Cf::ALL.iter().map(|cf| -> Result<_, StorageError> {
             let mut cf_options = rocksdb::Options::default();
             cf_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
             // Each family's own options: the database's do not carry over to them.
@@ -238,8 +274,20 @@ impl RocksEngine {
                 // among them instead of a skip-list insert among everything since the last flush.
                 cf_options.set_inplace_update_support(true);
             }
-            rocksdb::ColumnFamilyDescriptor::new(cf.name(), cf_options)
+            let cf_options = match insert_hint_prefix(*cf) {
+                // A new key is usually inserted right after the last key of its prefix (the
+                // room's or the shard's newest): RocksDB keeps where that was and starts the
+                // skip-list search there instead of at the top.
+                Some(bytes) => cf_options
+                    .get_options_from_string(format!(
+                        "memtable_insert_with_hint_prefix_extractor=rocksdb.FixedPrefix.{bytes}"
+                    ))
+                    .map_err(|e| StorageError::io(format!("{} options: {e}", cf.name())))?,
+                None => cf_options,
+            };
+            Ok(rocksdb::ColumnFamilyDescriptor::new(cf.name(), cf_options))
         });
+        let families = families.collect::<Result<Vec<_>, _>>()?;
         let db = rocksdb::DB::open_cf_descriptors(&options, path, families)
             .map_err(|e| StorageError::io(format!("open rocksdb at {}: {e}", path.display())))?;
         Ok(Self { db })
@@ -455,15 +503,70 @@ mod tests {
         }
     }
 
+    /// Keys with the same 12-byte prefix (a room) inserted mostly in order, some behind the
+    /// last one (a peer's older event), two rooms interleaved: scans see them sorted.
+    fn hinted_inserts_stay_ordered(engine: &dyn KvEngine) {
+        let key = |room: u8, position: u32| {
+            let mut key = vec![0, 0, 0, 7, room, 1, 2, 3, 4, 5, 6, 7];
+            key.extend_from_slice(&position.to_be_bytes());
+            key
+        };
+        let positions: Vec<u32> = (0..400).map(|i| if i % 7 == 3 { i * 10 - 25 } else { i * 10 }).collect();
+        for chunk in positions.chunks(13) {
+            let mut batch = WriteBatch::new();
+            for position in chunk {
+                for room in [2u8, 1] {
+                    batch.put(Cf::RoomEvents, key(room, *position), position.to_be_bytes().to_vec());
+                }
+            }
+            engine.write(batch).expect("write");
+        }
+        for room in [1u8, 2] {
+            let rows = engine.scan(Cf::RoomEvents, &key(room, 0), &key(room, u32::MAX), 1_000).expect("scan");
+            let mut want = positions.clone();
+            want.sort_unstable();
+            let got: Vec<Vec<u8>> = rows.into_iter().map(|(k, _)| k).collect();
+            assert_eq!(got, want.iter().map(|p| key(room, *p)).collect::<Vec<_>>());
+        }
+    }
+
+    /// What [`ensure_layout`] does on an empty engine, a recorded one, and older data.
+    fn layout_contract(empty: &dyn KvEngine, unmarked: &dyn KvEngine) {
+        ensure_layout(empty).expect("an empty engine takes this build's layout");
+        ensure_layout(empty).expect("and keeps it");
+        assert_eq!(empty.get(Cf::Node, keys::LAYOUT_KEY).expect("get"), Some(keys::LAYOUT.to_be_bytes().to_vec()));
+        let mut batch = WriteBatch::new();
+        batch.put(Cf::Node, keys::LAYOUT_KEY.to_vec(), 99u32.to_be_bytes().to_vec());
+        empty.write(batch).expect("write");
+        assert!(matches!(ensure_layout(empty), Err(StorageError::Layout { found: 99, expected: keys::LAYOUT })));
+
+        let mut batch = WriteBatch::new();
+        batch.put(Cf::RoomEvents, vec![0, 0, 0, 1, 1, b'r'], vec![1]);
+        unmarked.write(batch).expect("write");
+        let refused = ensure_layout(unmarked).expect_err("data without a layout record is layout 1");
+        assert!(matches!(refused, StorageError::Layout { found: 1, expected: keys::LAYOUT }));
+        assert!(refused.to_string().contains("layout 1"), "{refused}");
+        assert_eq!(unmarked.get(Cf::Node, keys::LAYOUT_KEY).expect("get"), None, "nothing recorded");
+    }
+
     #[test]
     fn memory_engine_meets_the_contract() {
         engine_contract(&MemEngine::new());
+        hinted_inserts_stay_ordered(&MemEngine::new());
+        layout_contract(&MemEngine::new(), &MemEngine::new());
     }
 
     #[test]
     fn rocksdb_engine_meets_the_contract() {
         let dir = tempfile::tempdir().expect("tempdir");
         engine_contract(&RocksEngine::open(dir.path()).expect("open"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        hinted_inserts_stay_ordered(&RocksEngine::open(dir.path()).expect("open"));
+        let (empty, unmarked) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+        layout_contract(
+            &RocksEngine::open(empty.path()).expect("open"),
+            &RocksEngine::open(unmarked.path()).expect("open"),
+        );
     }
 
     #[test]

@@ -13,6 +13,14 @@ pub enum StorageError {
     /// Bytes on disk do not decode: a bug or a damaged disk.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The data was written in another key layout than this build reads ([`crate::keys::LAYOUT`]).
+    #[error("data directory has key layout {found}; this build reads layout {expected}")]
+    Layout {
+        /// The layout on disk (1: written before layouts were recorded).
+        found: u32,
+        /// The layout this build reads and writes.
+        expected: u32,
+    },
 }
 
 impl StorageError {
@@ -32,6 +40,9 @@ impl From<StorageError> for std::io::Error {
         match error {
             StorageError::Io(m) => std::io::Error::other(m),
             StorageError::Corrupt(m) => std::io::Error::new(std::io::ErrorKind::InvalidData, m),
+            layout @ StorageError::Layout { .. } => {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, layout.to_string())
+            }
         }
     }
 }

@@ -8,12 +8,18 @@
 //! | `raft_log` | `shard u32 | index u64` | a Raft entry |
 //! | `raft_state` | `shard u32 | tag u8` | vote (1), committed log id (2), last purged log id (3) |
 //! | `snapshot` | `shard u32 | tag u8` | the latest snapshot: meta and data (1) |
-//! | `node` | ASCII name | this node's identity (`identity`) |
-//! | `room_events` | `shard u32 | room | hlc wall u64 | hlc logical u32 | replica u64 | counter u64` | a CRDT event |
-//! | `room_state` | `shard u32 | room | tag u8` | version vector (1), read markers (2) |
+//! | `node` | ASCII name | this node's identity (`identity`), key layout (`layout`), … |
+//! | `room_events` | `shard u32 | room hash u64 | room | hlc wall u64 | hlc logical u32 | replica u64 | counter u64` | a CRDT event |
+//! | `room_state` | `shard u32 | room hash u64 | room | tag u8` | version vector (1), read markers (2) |
 //!
 //! `room` is `length u8 | utf-8 bytes` (room ids are at most 255 bytes), so one room's keys are
-//! contiguous and a `room_events` scan is a history scan in the room's total order.
+//! contiguous and a `room_events` scan is a history scan in the room's total order. The room
+//! hash (FNV-1a of the id) gives every room key a fixed-length prefix, `shard | room hash`, that
+//! RocksDB keeps an insert hint for ([`crate::engine::RocksEngine`]): a room's new events land
+//! next to its previous ones, so inserting one skips the memtable's search from the top.
+//!
+//! The layout is recorded in the engine ([`LAYOUT`]); a node refuses a data directory of
+//! another layout instead of misreading it.
 //!
 //! Values are framed as `version u8 | postcard bytes`; [`encode`] and [`decode`] are the only
 //! ways in and out, so an unknown version is reported as corruption instead of misread.
@@ -57,6 +63,13 @@ pub enum RoomStateTag {
     /// The room's read markers.
     ReadMarkers = 2,
 }
+
+/// The key layout this build reads and writes, recorded in the `node` family
+/// ([`crate::engine::ensure_layout`]). Layout 1 had no room hash in room keys; 2 added it.
+pub const LAYOUT: u32 = 2;
+
+/// Key of the layout record in the `node` column family.
+pub const LAYOUT_KEY: &[u8] = b"layout";
 
 /// Key of the node's identity record in the `node` column family.
 pub const NODE_IDENTITY_KEY: &[u8] = b"identity";
@@ -115,15 +128,26 @@ pub fn shard_of(key: &[u8]) -> Result<ShardId, StorageError> {
     Ok(ShardId(u32::from_be_bytes(bytes)))
 }
 
-/// `shard | room`: the prefix of every `room_events` and `room_state` key of `room`.
+/// Bytes of a room key's fixed part: `shard u32 | room hash u64`.
+pub const ROOM_KEY_FIXED_BYTES: usize = 12;
+
+/// `shard | room hash | room`: the prefix of every `room_events` and `room_state` key of `room`.
 pub fn room_prefix(shard: ShardId, room: &RoomId) -> Vec<u8> {
     let bytes = room.as_str().as_bytes();
     assert!(bytes.len() <= usize::from(u8::MAX), "room ids are validated to at most 255 bytes");
-    let mut key = Vec::with_capacity(5 + bytes.len() + 28);
+    let mut key = Vec::with_capacity(ROOM_KEY_FIXED_BYTES + 1 + bytes.len() + 28);
     key.extend_from_slice(&shard.0.to_be_bytes());
+    key.extend_from_slice(&room_hash(bytes).to_be_bytes());
     key.push(bytes.len() as u8);
     key.extend_from_slice(bytes);
     key
+}
+
+/// FNV-1a (64-bit) of a room id: stored in every room key, so it must never change.
+fn room_hash(bytes: &[u8]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    bytes.iter().fold(OFFSET, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(PRIME))
 }
 
 /// The first key after every key that starts with `prefix`.
@@ -158,9 +182,10 @@ pub fn room_state_key(shard: ShardId, room: &RoomId, tag: RoomStateTag) -> Vec<u
 /// The room and tag of a `room_state` key.
 pub fn room_state_key_parts(key: &[u8]) -> Result<(RoomId, u8), StorageError> {
     let corrupt = || StorageError::corrupt(format!("room state key of {} bytes", key.len()));
-    let len = usize::from(*key.get(4).ok_or_else(corrupt)?);
-    let room = key.get(5..5 + len).ok_or_else(corrupt)?;
-    let tag = *key.get(5 + len).ok_or_else(corrupt)?;
+    let len = usize::from(*key.get(ROOM_KEY_FIXED_BYTES).ok_or_else(corrupt)?);
+    let start = ROOM_KEY_FIXED_BYTES + 1;
+    let room = key.get(start..start + len).ok_or_else(corrupt)?;
+    let tag = *key.get(start + len).ok_or_else(corrupt)?;
     let room = std::str::from_utf8(room).map_err(|_| corrupt())?;
     Ok((RoomId(room.to_owned()), tag))
 }
@@ -211,7 +236,7 @@ mod tests {
     }
 
     #[test]
-    fn room_keys_sort_by_room_then_position_and_parse_back() {
+    fn room_keys_group_by_room_sort_by_position_and_parse_back() {
         use palaver_crdt::{Dot, Hlc, ReplicaId};
         let position =
             |wall_ms, replica, counter| Position::new(Hlc::new(wall_ms, 0), Dot::new(ReplicaId(replica), counter));
@@ -224,13 +249,25 @@ mod tests {
             room_event_key(ShardId(1), &a, position(2, 3, 1)),
         ];
         keys.sort();
-        assert_eq!(keys[0], room_event_key(ShardId(1), &a, position(2, 3, 1)));
-        assert_eq!(keys[1], room_event_key(ShardId(1), &a, position(9, 0, 7)));
-        assert_eq!(keys[3], room_event_key(ShardId(1), &ab, position(1, 1, 1)), "rooms never interleave");
+        let of_a: Vec<usize> = (0..keys.len()).filter(|i| keys[*i].starts_with(&room_prefix(ShardId(1), &a))).collect();
+        assert!(of_a == [0, 1, 2] || of_a == [1, 2, 3], "rooms never interleave: {of_a:?}");
+        let a_keys = &keys[of_a[0]..=of_a[2]];
+        assert_eq!(a_keys[0], room_event_key(ShardId(1), &a, position(2, 3, 1)));
+        assert_eq!(a_keys[1], room_event_key(ShardId(1), &a, position(9, 0, 7)));
+        assert_eq!(a_keys[2], room_event_key(ShardId(1), &a, position(9, 1, 2)));
+        // The fixed part (shard, room hash) is the same for a room's keys and differs between
+        // rooms; the hash is stored, so it is pinned (FNV-1a 64 of "a").
+        assert!(a_keys.iter().all(|k| k[..ROOM_KEY_FIXED_BYTES] == a_keys[0][..ROOM_KEY_FIXED_BYTES]));
+        assert_ne!(
+            room_prefix(ShardId(1), &a)[..ROOM_KEY_FIXED_BYTES],
+            room_prefix(ShardId(1), &ab)[..ROOM_KEY_FIXED_BYTES]
+        );
+        assert_eq!(room_prefix(ShardId(1), &a)[4..ROOM_KEY_FIXED_BYTES], 0xaf63_dc4c_8601_ec8c_u64.to_be_bytes());
         let prefix = room_prefix(ShardId(1), &a);
-        assert!(keys[..3].iter().all(|k| k.starts_with(&prefix) && k.as_slice() < prefix_end(&prefix).as_slice()));
+        assert!(a_keys.iter().all(|k| k.starts_with(&prefix) && k.as_slice() < prefix_end(&prefix).as_slice()));
         let key = room_state_key(ShardId(1), &ab, RoomStateTag::ReadMarkers);
         assert_eq!(room_state_key_parts(&key).expect("parts"), (ab, RoomStateTag::ReadMarkers as u8));
+        assert!(room_state_key_parts(&[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 9, b'x']).is_err());
         assert!(room_state_key_parts(&[0, 0, 0, 1, 9, b'x']).is_err());
         assert_eq!(prefix_end(&[1, 0xff]), vec![2]);
     }
