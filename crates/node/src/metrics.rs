@@ -177,6 +177,30 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// The group commit's fsync durations as a Prometheus histogram (in seconds).
+#[derive(Debug)]
+struct FsyncDurations(palaver_shard::GroupCommitCounts);
+
+impl EncodeMetric for FsyncDurations {
+    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error> {
+        let counts = &self.0;
+        let bounds = palaver_shard::log_store::FSYNC_BUCKETS_US.iter().map(|us| *us as f64 / 1e6);
+        let buckets: Vec<(f64, u64)> = bounds.chain([f64::INFINITY]).zip(counts.buckets).collect();
+        // The count is the buckets' own total, so that it always equals the `+Inf` bucket.
+        let count = counts.buckets.iter().sum();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            counts.micros as f64 / 1e6,
+            count,
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
 /// What is read from the node at each scrape.
 #[derive(Debug)]
 struct NodeCollector {
@@ -283,6 +307,27 @@ impl Collector for NodeCollector {
             "Courier calls sent while an earlier call to the same peer waited past the stall time",
             courier.after_stall,
         )?;
+        let wal = node.replicas.group_commit().counts();
+        counter(
+            &mut encoder,
+            "wal_fsyncs",
+            "WAL fsyncs by the group commit (each makes every write before it durable)",
+            wal.fsyncs,
+        )?;
+        counter(&mut encoder, "wal_fsync_failures", "WAL fsyncs that failed", wal.failed)?;
+        counter(
+            &mut encoder,
+            "wal_fsync_waiters",
+            "Raft appends and CRDT writes the WAL fsyncs covered (per fsync: how well writes batch)",
+            wal.waiters,
+        )?;
+        let durations = FsyncDurations(wal);
+        durations.encode(encoder.encode_descriptor(
+            "wal_fsync_seconds",
+            "How long each WAL fsync took",
+            None,
+            durations.metric_type(),
+        )?)?;
         let follows = node.feeds.links.counts();
         counter(
             &mut encoder,

@@ -53,6 +53,11 @@ impl ReplicaSet {
         &self.crdt
     }
 
+    /// The node's group commit (one fsync for many writes).
+    pub fn group_commit(&self) -> &GroupCommit {
+        &self.group_commit
+    }
+
     /// The shared peer links.
     pub fn peers(&self) -> &Arc<Peers> {
         &self.peers

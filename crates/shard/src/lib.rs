@@ -48,7 +48,7 @@ pub use crdt_store::{
 };
 pub use engine::{Cf, KvEngine, MemEngine, RocksEngine, WriteBatch};
 pub use error::StorageError;
-pub use log_store::{GroupCommit, ShardLogStore};
+pub use log_store::{GroupCommit, GroupCommitCounts, ShardLogStore};
 pub use meta::MetaState;
 pub use replica::{Replica, ReplicaOptions, StartError};
 pub use state_machine::{Applied, ShardStateMachine};

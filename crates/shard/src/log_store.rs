@@ -16,6 +16,8 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 
 use openraft::storage::{LogState, RaftLogReader, RaftLogStorage};
@@ -111,12 +113,61 @@ impl TailCache {
     }
 }
 
+/// Upper bounds of the fsync duration buckets of [`GroupCommitCounts`], in microseconds
+/// (doubling from 64 µs to about 0.5 s; one more bucket counts the longer ones).
+pub const FSYNC_BUCKETS_US: [u64; 14] =
+    [64, 128, 256, 512, 1_024, 2_048, 4_096, 8_192, 16_384, 32_768, 65_536, 131_072, 262_144, 524_288];
+
+/// What the group-commit thread has done since it started, counted as it goes.
+#[derive(Debug, Default)]
+struct GroupCommitStats {
+    fsyncs: AtomicU64,
+    failed: AtomicU64,
+    waiters: AtomicU64,
+    micros: AtomicU64,
+    /// Fsyncs by duration: `buckets[i]` counts those of at most `FSYNC_BUCKETS_US[i]` (and more
+    /// than the bound before); the last, those longer than every bound.
+    buckets: [AtomicU64; FSYNC_BUCKETS_US.len() + 1],
+}
+
+impl GroupCommitStats {
+    fn record(&self, waiters: usize, took: std::time::Duration, ok: bool) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.fsyncs.fetch_add(1, Relaxed);
+        if !ok {
+            self.failed.fetch_add(1, Relaxed);
+        }
+        self.waiters.fetch_add(waiters as u64, Relaxed);
+        self.micros.fetch_add(micros, Relaxed);
+        let bucket = FSYNC_BUCKETS_US.iter().position(|bound| micros <= *bound).unwrap_or(FSYNC_BUCKETS_US.len());
+        self.buckets[bucket].fetch_add(1, Relaxed);
+    }
+}
+
+/// A snapshot of the group commit's counters (for `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupCommitCounts {
+    /// Fsyncs done (failed ones included).
+    pub fsyncs: u64,
+    /// Fsyncs that failed.
+    pub failed: u64,
+    /// Waiters they covered: Raft appends and CRDT writes (more per fsync: better batching).
+    pub waiters: u64,
+    /// Time spent in them, in microseconds.
+    pub micros: u64,
+    /// Fsyncs by duration, per bucket of [`FSYNC_BUCKETS_US`] and a last one for longer
+    /// fsyncs (not cumulative). Read one by one while fsyncs go on, so their sum may differ
+    /// from `fsyncs` by the fsyncs being recorded.
+    pub buckets: [u64; FSYNC_BUCKETS_US.len() + 1],
+}
+
 /// The node-wide group-commit thread: fsyncs the engine once per batch of queued appends.
 ///
 /// Cloning shares the thread; it exits when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct GroupCommit {
     queue: mpsc::Sender<Flushed>,
+    stats: Arc<GroupCommitStats>,
 }
 
 /// Who waits for an fsync: openraft (a log append) or an async caller ([`GroupCommit::sync`]).
@@ -152,15 +203,29 @@ impl GroupCommit {
     pub fn start(engine: Arc<dyn KvEngine>) -> Self {
         let engine = Arc::downgrade(&engine);
         let (queue, pending) = mpsc::channel::<Flushed>();
+        let stats = Arc::new(GroupCommitStats::default());
+        let counted = stats.clone();
         std::thread::Builder::new()
             .name("palaver-group-commit".into())
-            .spawn(move || Self::run(engine, pending))
+            .spawn(move || Self::run(engine, pending, &counted))
             .map(|_| ())
             .unwrap_or_else(|e| tracing::error!(error = %e, "cannot start the group-commit thread"));
-        Self { queue }
+        Self { queue, stats }
     }
 
-    fn run(engine: std::sync::Weak<dyn KvEngine>, pending: mpsc::Receiver<Flushed>) {
+    /// What the thread has done so far.
+    pub fn counts(&self) -> GroupCommitCounts {
+        let stats = &self.stats;
+        GroupCommitCounts {
+            fsyncs: stats.fsyncs.load(Relaxed),
+            failed: stats.failed.load(Relaxed),
+            waiters: stats.waiters.load(Relaxed),
+            micros: stats.micros.load(Relaxed),
+            buckets: std::array::from_fn(|i| stats.buckets[i].load(Relaxed)),
+        }
+    }
+
+    fn run(engine: std::sync::Weak<dyn KvEngine>, pending: mpsc::Receiver<Flushed>, stats: &GroupCommitStats) {
         let mut last_start = std::time::Instant::now();
         let mut busy = false;
         while let Ok(first) = pending.recv() {
@@ -175,10 +240,12 @@ impl GroupCommit {
             last_start = std::time::Instant::now();
             let mut batch = vec![first];
             batch.extend(pending.try_iter());
+            let started = std::time::Instant::now();
             let result = match engine.upgrade() {
                 Some(engine) => engine.sync(),
                 None => Err(StorageError::io("the engine is closed")),
             };
+            stats.record(batch.len(), started.elapsed(), result.is_ok());
             busy = batch.len() > 1;
             for waiter in batch {
                 waiter.complete(result.clone());
@@ -417,6 +484,38 @@ mod tests {
 
     fn indexes(entries: Option<Vec<Entry>>) -> Option<Vec<u64>> {
         entries.map(|es| es.iter().map(|e| e.index()).collect())
+    }
+
+    #[test]
+    fn fsync_durations_land_in_their_bucket_and_past_the_last_bound_in_the_overflow() {
+        let stats = GroupCommitStats::default();
+        for micros in [0, 64, 65, 524_288, 524_289, 3_000_000] {
+            stats.record(2, std::time::Duration::from_micros(micros), micros != 0);
+        }
+        let counts = GroupCommit { queue: mpsc::channel().0, stats: Arc::new(stats) }.counts();
+        assert_eq!((counts.fsyncs, counts.failed, counts.waiters), (6, 1, 12));
+        assert_eq!(counts.micros, 64 + 65 + 524_288 + 524_289 + 3_000_000);
+        let mut want = [0u64; FSYNC_BUCKETS_US.len() + 1];
+        want[0] = 2; // 0 and 64 µs
+        want[1] = 1; // 65 µs
+        want[FSYNC_BUCKETS_US.len() - 1] = 1; // the last bound itself
+        want[FSYNC_BUCKETS_US.len()] = 2; // past it
+        assert_eq!(counts.buckets, want);
+    }
+
+    #[tokio::test]
+    async fn the_group_commit_counts_its_fsyncs_and_the_waiters_they_covered() {
+        let engine: Arc<dyn KvEngine> = Arc::new(crate::engine::MemEngine::new());
+        let group_commit = GroupCommit::start(engine.clone());
+        let waits: Vec<_> = (0..5).map(|_| group_commit.sync()).collect();
+        for result in futures::future::join_all(waits).await {
+            result.expect("sync");
+        }
+        let counts = group_commit.counts();
+        assert_eq!(counts.waiters, 5, "every waiter counted once");
+        assert!((1..=5).contains(&counts.fsyncs), "{counts:?}");
+        assert_eq!(counts.buckets.iter().sum::<u64>(), counts.fsyncs);
+        assert_eq!(counts.failed, 0);
     }
 
     fn cache_of(range: std::ops::RangeInclusive<u64>) -> TailCache {

@@ -563,6 +563,16 @@ async fn metrics_parse_and_move_with_traffic() {
     assert_eq!(leaders, 3);
     assert!(after.iter().any(|s| s.name == "palaver_route_cache_hits_total"));
     assert!(after.iter().any(|s| s.name == "palaver_subscribers"));
+    // The WAL's group commit: every acknowledged post was fsynced here, so fsyncs moved, each
+    // covered at least one waiter, and the duration histogram counts every fsync once.
+    let fsyncs = |s: &[Sample]| value(s, "palaver_wal_fsyncs_total", &[]);
+    assert!(fsyncs(&after) - fsyncs(&before) >= 1.0, "posts were fsynced");
+    assert!(value(&after, "palaver_wal_fsync_waiters_total", &[]) >= fsyncs(&after));
+    assert_eq!(value(&after, "palaver_wal_fsync_failures_total", &[]), 0.0);
+    let fsync_count = value(&after, "palaver_wal_fsync_seconds_count", &[]);
+    assert_eq!(value(&after, "palaver_wal_fsync_seconds_bucket", &[("le", "+Inf")]), fsync_count);
+    assert!(fsync_count >= 1.0);
+    assert!(value(&after, "palaver_wal_fsync_seconds_sum", &[]) > 0.0);
     // The posts reached the other replicas: node 2 counts them as received from a peer.
     let received = wait_for("node 2 to count the posts it received", || async {
         let samples = scrape(1).await;
