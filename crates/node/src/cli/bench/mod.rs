@@ -243,6 +243,68 @@ impl CpuMeter {
     }
 }
 
+/// The WAL fsyncs of the nodes the bench started, from their `/metrics`, from
+/// [`WalMeter::start`] on: how well the nodes' writes batched into fsyncs.
+struct WalMeter {
+    /// Fsyncs and the waiters they covered, summed over the nodes, at the start.
+    start: Option<(f64, f64)>,
+}
+
+impl WalMeter {
+    async fn start(cluster: &Cluster) -> Self {
+        Self { start: cluster.wal_totals().await }
+    }
+
+    /// Fsyncs per unit of `work` and writes covered per fsync since the start, as printed
+    /// (`-` when unknown: with `--addr`, or a node without HTTP).
+    async fn per(&self, cluster: &Cluster, work: usize) -> [String; 2] {
+        match (self.start, cluster.wal_totals().await) {
+            (Some((fsyncs0, waiters0)), Some((fsyncs1, waiters1))) if work > 0 && fsyncs1 > fsyncs0 => {
+                let fsyncs = fsyncs1 - fsyncs0;
+                [format!("{:.2}", fsyncs / work as f64), format!("{:.1}", (waiters1 - waiters0) / fsyncs)]
+            }
+            _ => ["-".to_owned(), "-".to_owned()],
+        }
+    }
+}
+
+impl Cluster {
+    /// WAL fsyncs and the waiters they covered so far, summed over the nodes the bench
+    /// started (`None` with `--addr`, or if a node's `/metrics` cannot be read).
+    async fn wal_totals(&self) -> Option<(f64, f64)> {
+        if self.processes.is_empty() {
+            return None;
+        }
+        let mut totals = (0.0, 0.0);
+        for process in &self.processes {
+            let text =
+                tokio::time::timeout(Duration::from_secs(2), get_metrics(process.http.as_ref()?)).await.ok()??;
+            totals.0 += metric_value(&text, "palaver_wal_fsyncs_total")?;
+            totals.1 += metric_value(&text, "palaver_wal_fsync_waiters_total")?;
+        }
+        Some(totals)
+    }
+}
+
+/// `GET /metrics` from the node at `addr`, as HTTP/1.0 (one request, a plain body, closed).
+async fn get_metrics(addr: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let response = String::from_utf8(response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200")
+        .then(|| body.to_owned())
+        .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_owned()))
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text exposition.
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// The median of `values`; `None` if there are none.
 fn median(mut values: Vec<f64>) -> Option<f64> {
     values.sort_by(f64::total_cmp);
@@ -300,6 +362,16 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unlabelled_samples_are_read_by_their_exact_name() {
+        let text = "# TYPE palaver_wal_fsyncs counter\npalaver_wal_fsyncs_total 154\n\
+                    palaver_wal_fsyncs_total_x 9\npalaver_wal_fsync_waiters_total 394.5\n";
+        assert_eq!(metric_value(text, "palaver_wal_fsyncs_total"), Some(154.0));
+        assert_eq!(metric_value(text, "palaver_wal_fsync_waiters_total"), Some(394.5));
+        assert_eq!(metric_value(text, "palaver_wal_fsync"), None);
+        assert_eq!(metric_value("palaver_wal_fsyncs_total nan?\n", "palaver_wal_fsyncs_total"), None);
+    }
 
     #[test]
     fn medians_of_odd_and_even_counts() {

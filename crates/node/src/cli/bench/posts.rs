@@ -30,7 +30,9 @@ use palaver_proto::v1::{
 };
 use tonic::transport::Channel;
 
-use super::{Cluster, ClusterArgs, CpuMeter, Pipeline, authed, authed_status, login, median, quantile_ms, setup_call};
+use super::{
+    Cluster, ClusterArgs, CpuMeter, Pipeline, WalMeter, authed, authed_status, login, median, quantile_ms, setup_call,
+};
 
 /// Most gRPC streams the bench opens on one connection (servers cap concurrent streams).
 pub const STREAMS_PER_CONNECTION_MAX: usize = 100;
@@ -108,6 +110,9 @@ pub struct PostsBenchArgs {
     /// First gRPC port of the cluster the bench starts.
     #[arg(long, default_value_t = 7401)]
     base_port: u16,
+    /// First HTTP port of the cluster the bench starts (read for its WAL fsync counters).
+    #[arg(long, default_value_t = 8401)]
+    http_base_port: u16,
     /// Which nodes posting users and subscribers attach to.
     #[arg(long, value_enum, default_value_t = Attach::Any)]
     attach: Attach,
@@ -400,7 +405,7 @@ where
 
 pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.users > 0 && args.rooms > 0, "--users and --rooms must be positive");
-    let cluster = Cluster::open(&args.cluster, args.base_port).await?;
+    let cluster = Cluster::open_with(&args.cluster, args.base_port, Some(args.http_base_port), Vec::new()).await?;
     let channels = cluster.channels()?;
     let nodes = channels.len();
     let run_id = std::process::id();
@@ -478,7 +483,7 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         .collect();
     let mut results: Vec<RunResult> = Vec::with_capacity(runs.len());
     println!(
-        "{:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>7} {:>14} {:>14}",
+        "{:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>10} {:>8} {:>7} {:>14} {:>14} {:>11} {:>12}",
         "in-flight",
         "posts/s",
         "ack p50",
@@ -489,7 +494,9 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         "missing",
         "errors",
         "node cpu µs/p",
-        "bench cpu µs/p"
+        "bench cpu µs/p",
+        "fsyncs/post",
+        "writes/fsync"
     );
     let mut sequence = 0u32;
     for (run, &(mode, in_flight)) in runs.iter().enumerate() {
@@ -557,6 +564,7 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         for (i, poster) in posters.drain(..).enumerate() {
             hands[i % in_flight].push(poster);
         }
+        let wal = WalMeter::start(&cluster).await;
         let cpu = CpuMeter::start(&cluster);
         let started = Instant::now();
         let stop_at = started + Duration::from_secs(args.seconds);
@@ -648,6 +656,7 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
         delivery_latencies.sort();
         // Per acknowledged post, the deliveries to subscribers included.
         let [node_cpu, bench_cpu] = cpu.per(&cluster, latencies.len());
+        let [fsyncs_per_post, writes_per_fsync] = wal.per(&cluster, latencies.len()).await;
         results.push(RunResult {
             mode,
             in_flight,
@@ -657,7 +666,7 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
             node_cpu_us: node_cpu.parse().ok(),
         });
         println!(
-            "{:>9} {:>9.0} {:>9.2} {:>9.2} {:>10.0} {:>10.2} {:>10.2} {:>8} {:>7} {:>14} {:>14}",
+            "{:>9} {:>9.0} {:>9.2} {:>9.2} {:>10.0} {:>10.2} {:>10.2} {:>8} {:>7} {:>14} {:>14} {:>11} {:>12}",
             in_flight,
             latencies.len() as f64 / elapsed,
             quantile_ms(&latencies, 0.50),
@@ -669,6 +678,8 @@ pub async fn run(args: PostsBenchArgs) -> anyhow::Result<()> {
             errors.values().sum::<usize>(),
             node_cpu,
             bench_cpu,
+            fsyncs_per_post,
+            writes_per_fsync,
         );
         for (error, count) in &errors {
             println!("          {count} x {error}");
