@@ -137,6 +137,24 @@ async fn acknowledged_changes_survive_a_full_restart() {
     for i in 0..3 {
         cluster.restart(i).await;
     }
+    // Log in at once, through every node, while the groups are still settling: a node may be
+    // unavailable for a moment, but whoever answers must know mia (a leader that answered from
+    // the state it replayed at restart, before learning the true commit, would not).
+    for i in [0, 1, 2] {
+        let client = cluster.chat(i);
+        wait_for("a login after the restart", || {
+            let mut client = client.clone();
+            async move {
+                let request = LoginRequest { user: "mia".into(), password: "password-of-mia".into() };
+                match client.login(request).await {
+                    Ok(_) => Some(()),
+                    Err(status) if status.code() == tonic::Code::Unavailable => None,
+                    Err(status) => panic!("login through node {} after the restart: {status}", i + 1),
+                }
+            }
+        })
+        .await;
+    }
     cluster.wait_replicated(3).await;
     let mut client = cluster.chat(2);
     let token = login(&mut client, "mia").await;
