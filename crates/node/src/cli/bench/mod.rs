@@ -295,9 +295,8 @@ async fn get_metrics(addr: &str) -> Option<String> {
     stream.read_to_end(&mut response).await.ok()?;
     let response = String::from_utf8(response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200")
-        .then(|| body.to_owned())
-        .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_owned()))
+    let ok = ["HTTP/1.0 200", "HTTP/1.1 200"].iter().any(|status| head.starts_with(status));
+    ok.then(|| body.to_owned())
 }
 
 /// The value of the unlabelled sample `name` in a Prometheus text exposition.
