@@ -9,9 +9,10 @@
 //! [`FSYNC_INTERVAL_MIN_US`], so that each covers more.
 //!
 //! Votes are fsynced before `save_vote` returns (a vote must survive a crash before it is
-//! sent). The committed log id is written without an fsync, and for data shards only every
-//! [`COMMITTED_SAVE_EVERY_ENTRIES`]: after a restart it may be behind, which only delays
-//! re-applying entries until the leader tells the replica how far the log is committed.
+//! sent). The committed log id is written on every advance, without an fsync of its own (the
+//! next group commit makes it durable): a restarted replica rebuilds its in-memory state
+//! machine up to it, so it must not lag what the replica had applied and acted on (a ban it
+//! enforced, a member it admitted) by more than the last moments before a crash.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -273,20 +274,12 @@ impl GroupCommit {
     }
 }
 
-/// The committed log id is written when it moved at least this many entries past the last
-/// one written. It is a hint for a restart (apply this much before hearing from a leader), so
-/// a stale one costs nothing but a little re-applying later; writing it on every commit cost
-/// an engine write per commit on every replica.
-pub const COMMITTED_SAVE_EVERY_ENTRIES: u64 = 64;
-
 /// One shard's Raft log and vote.
 #[derive(Debug, Clone)]
 pub struct ShardLogStore {
     shard: ShardId,
     engine: Arc<dyn KvEngine>,
     group_commit: GroupCommit,
-    /// Index of the committed log id last written (shared by clones).
-    committed_saved: Arc<std::sync::atomic::AtomicU64>,
     /// The newest entries, shared by clones (openraft reads through a clone).
     tail: Arc<std::sync::Mutex<TailCache>>,
 }
@@ -294,13 +287,7 @@ pub struct ShardLogStore {
 impl ShardLogStore {
     /// The log of `shard` in `engine`, made durable through `group_commit`.
     pub fn new(shard: ShardId, engine: Arc<dyn KvEngine>, group_commit: GroupCommit) -> Self {
-        Self {
-            shard,
-            engine,
-            group_commit,
-            committed_saved: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-            tail: Arc::default(),
-        }
+        Self { shard, engine, group_commit, tail: Arc::default() }
     }
 
     fn tail(&self) -> std::sync::MutexGuard<'_, TailCache> {
@@ -406,17 +393,11 @@ impl RaftLogStorage<TypeConfig> for ShardLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), std::io::Error> {
-        use std::sync::atomic::Ordering;
-        let index = committed.as_ref().map_or(0, |id| id.index());
-        let saved = self.committed_saved.load(Ordering::Relaxed);
-        // The meta group commits rarely and a restarted node needs its registry at once (to
-        // answer status, to route): its committed id is written every time.
-        if self.shard != ShardId::META && saved != 0 && index < saved.saturating_add(COMMITTED_SAVE_EVERY_ENTRIES) {
-            return Ok(());
-        }
-        self.write_state(RaftStateTag::Committed, &committed)?;
-        self.committed_saved.store(index.max(1), Ordering::Relaxed);
-        Ok(())
+        // Every advance: the state machine is rebuilt up to it after a restart (see the module
+        // docs). Writing it only every 64 entries let a restarted replica forget up to 63
+        // applied commands (a ban among them) until a leader reached it, indefinitely so
+        // in a partition.
+        Ok(self.write_state(RaftStateTag::Committed, &committed)?)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, std::io::Error> {
@@ -484,6 +465,20 @@ mod tests {
 
     fn indexes(entries: Option<Vec<Entry>>) -> Option<Vec<u64>> {
         entries.map(|es| es.iter().map(|e| e.index()).collect())
+    }
+
+    #[tokio::test]
+    async fn every_committed_advance_is_written_for_a_restart_to_rebuild_up_to() {
+        let engine: Arc<dyn KvEngine> = Arc::new(crate::engine::MemEngine::new());
+        let group_commit = GroupCommit::start(engine.clone());
+        let mut store = ShardLogStore::new(ShardId(3), engine.clone(), group_commit.clone());
+        for index in [3, 4, 10] {
+            store.save_committed(Some(entry(index).log_id())).await.expect("save");
+        }
+        // A restart reads what the last advance wrote, not an older one.
+        let mut reopened = ShardLogStore::new(ShardId(3), engine, group_commit);
+        let committed = reopened.read_committed().await.expect("read");
+        assert_eq!(committed.map(|id| id.index()), Some(10));
     }
 
     #[test]

@@ -66,12 +66,12 @@ pub fn raft_config(options: ReplicaOptions) -> Result<Arc<Config>, String> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(options.snapshot_logs_since_last),
         max_in_snapshot_log_to_keep: options.snapshot_logs_since_last / 5,
         install_snapshot_timeout: 10_000,
-        // The state machine lives in memory and the committed log id is saved only every
-        // `COMMITTED_SAVE_EVERY_ENTRIES`, so a restarted node replays its log only up to a
-        // possibly stale committed id. A leader restored as leader at startup (openraft's
-        // default) would then confirm its leadership with a quorum and answer linearizable
-        // reads from that stale state (a user registered before the restart not found); as a
-        // follower it learns the true commit from the next leader before it serves anything.
+        // The state machine lives in memory and is rebuilt at a restart up to the committed
+        // log id saved last, which a crash can leave a little behind (it is durable with the
+        // next fsync). A leader restored as leader at startup (openraft's default) would confirm
+        // its leadership with a quorum and answer linearizable reads from that state (with the
+        // id saved every 64 entries, a user registered before a restart was not found); as a
+        // follower it learns the true commit from the next leader before it leads.
         enable_leader_restore: Some(false),
         ..Default::default()
     };
