@@ -480,3 +480,78 @@ async fn a_replica_whose_fsync_stalls_still_shows_its_subscribers_what_peers_sen
     .await;
     cluster.shutdown().await;
 }
+
+/// Wait until every replica of `shard` has applied `index`.
+async fn applied_everywhere(cluster: &InProcessCluster, shard: u32, index: u64) {
+    wait_for("every replica to apply the change", || async {
+        let status = status_from(cluster, 0).await?;
+        let shard = status.shards.iter().find(|s| s.shard == shard)?;
+        (shard.replicas.iter().filter(|r| r.last_applied_index >= index).count() == 3).then_some(())
+    })
+    .await;
+}
+
+/// A replica rebuilds its state machine at a restart from the log, up to the committed id it
+/// saved. Restarted while cut off from every peer (so no leader can tell it more), it must
+/// still enforce a ban it had applied: when that id was saved only every 64 entries, a ban
+/// among the last ones was forgotten and the banned user could post there again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_while_cut_off_still_enforces_a_ban_it_had_applied() {
+    use palaver_proto::v1::BanRequest;
+    let net = Arc::new(Net::default());
+    let engines: Vec<Arc<dyn KvEngine>> = (0..3).map(|_| Arc::new(MemEngine::new()) as Arc<dyn KvEngine>).collect();
+    let mut cluster = InProcessCluster::start_on(engines.clone(), 1, &net).await;
+    let (mut a, mut c) = (cluster.chat(0), cluster.chat(2));
+    let (ada, bob) = room_of_two(&cluster, "guarded").await;
+    // More than 64 commits after the join, so that a save every 64 entries falls between the
+    // join and the ban: a replica restarted on such a save knows bob as a member, not as banned.
+    let carol = user(&mut a, "carol").await;
+    a.create_room(authed(CreateRoomRequest { room: "busy".into(), ..Default::default() }, &ada)).await.expect("create");
+    for _ in 0..35 {
+        a.join(authed(RoomRequest { room: "busy".into() }, &carol)).await.expect("join");
+        a.leave(authed(RoomRequest { room: "busy".into() }, &carol)).await.expect("leave");
+    }
+    let banned = a
+        .ban(authed(BanRequest { room: "guarded".into(), user: "bob".into(), reason: "spam".into() }, &ada))
+        .await
+        .expect("ban")
+        .into_inner();
+    applied_everywhere(&cluster, banned.shard, banned.log_index).await;
+    let refused = post(&mut c, &bob, "guarded", "before the restart", AckLevel::One).await.expect_err("banned");
+    let refusal = code(&refused);
+
+    // Cut the third node off, then restart it on its engine, still cut off.
+    net.isolate(&cluster.addrs[2], &cluster.addrs);
+    let node = cluster.nodes.remove(2);
+    node.shutdown().await;
+    let listener = TcpListener::bind(&cluster.addrs[2]).await.expect("rebind the node's address");
+    let env = NodeEnv {
+        clock: Arc::new(SystemClock),
+        dialer: Arc::new(ProxyDialer { from: cluster.addrs[2].clone(), net: net.clone() }),
+        rng: SharedRng::seeded(33),
+    };
+    let config = NodeConfig {
+        data_dir: std::env::temp_dir(),
+        advertise_addr: cluster.addrs[2].clone(),
+        bootstrap: Bootstrap::Join { seed: cluster.addrs[0].clone() },
+        replica: ReplicaOptions::default(),
+        p2p_listen: None,
+        http: None,
+        grpc_connections_per_address: palaver_node::connections::GRPC_CONNECTIONS_PER_ADDRESS_DEFAULT,
+    };
+    cluster.nodes.push(Node::start(config, env, engines[2].clone(), listener).await.expect("restart"));
+    let c = cluster.chat(2);
+    let after = wait_for("the restarted replica to answer bob's post", || {
+        let (mut c, bob) = (c.clone(), bob.clone());
+        async move {
+            match post(&mut c, &bob, "guarded", "after the restart", AckLevel::One).await {
+                Err(status) if status.code() == tonic::Code::Unavailable => None,
+                answer => Some(answer),
+            }
+        }
+    })
+    .await;
+    let refused = after.expect_err("the restarted replica still knows bob is banned");
+    assert_eq!(code(&refused), refusal, "{refused:?}");
+    cluster.shutdown().await;
+}
