@@ -186,11 +186,9 @@ impl EncodeMetric for FsyncDurations {
         let counts = &self.0;
         let bounds = palaver_shard::log_store::FSYNC_BUCKETS_US.iter().map(|us| *us as f64 / 1e6);
         let buckets: Vec<(f64, u64)> = bounds.chain([f64::INFINITY]).zip(counts.buckets).collect();
-        // The count is the buckets' own total, so that it always equals the `+Inf` bucket.
-        let count = counts.buckets.iter().sum();
         encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
             counts.micros as f64 / 1e6,
-            count,
+            counts.fsyncs,
             &buckets,
             None,
         )

@@ -179,7 +179,7 @@ pub fn ensure_layout(engine: &dyn KvEngine) -> Result<(), StorageError> {
 fn insert_hint_prefix(cf: Cf) -> Option<usize> {
     match cf {
         Cf::RoomEvents => Some(keys::ROOM_KEY_FIXED_BYTES),
-        Cf::RaftLog => Some(keys::shard_prefix(palaver_ids::ShardId(0)).len()),
+        Cf::RaftLog => Some(keys::SHARD_PREFIX_BYTES),
         Cf::RaftState | Cf::Snapshot | Cf::Node | Cf::RoomState => None,
     }
 }

@@ -106,8 +106,11 @@ pub fn snapshot_key(shard: ShardId, tag: SnapshotTag) -> [u8; 5] {
     tagged(shard, tag as u8)
 }
 
+/// Bytes of the shard id at the front of every shard key.
+pub const SHARD_PREFIX_BYTES: usize = 4;
+
 /// The 4-byte prefix of every key of `shard`.
-pub fn shard_prefix(shard: ShardId) -> [u8; 4] {
+pub fn shard_prefix(shard: ShardId) -> [u8; SHARD_PREFIX_BYTES] {
     shard.0.to_be_bytes()
 }
 
@@ -129,7 +132,7 @@ pub fn shard_of(key: &[u8]) -> Result<ShardId, StorageError> {
 }
 
 /// Bytes of a room key's fixed part: `shard u32 | room hash u64`.
-pub const ROOM_KEY_FIXED_BYTES: usize = 12;
+pub const ROOM_KEY_FIXED_BYTES: usize = SHARD_PREFIX_BYTES + 8;
 
 /// `shard | room hash | room`: the prefix of every `room_events` and `room_state` key of `room`.
 pub fn room_prefix(shard: ShardId, room: &RoomId) -> Vec<u8> {

@@ -122,19 +122,17 @@ pub const FSYNC_BUCKETS_US: [u64; 14] =
 /// What the group-commit thread has done since it started, counted as it goes.
 #[derive(Debug, Default)]
 struct GroupCommitStats {
-    fsyncs: AtomicU64,
     failed: AtomicU64,
     waiters: AtomicU64,
     micros: AtomicU64,
     /// Fsyncs by duration: `buckets[i]` counts those of at most `FSYNC_BUCKETS_US[i]` (and more
-    /// than the bound before); the last, those longer than every bound.
+    /// than the bound before); the last, those longer than every bound. Their sum is the count.
     buckets: [AtomicU64; FSYNC_BUCKETS_US.len() + 1],
 }
 
 impl GroupCommitStats {
     fn record(&self, waiters: usize, took: std::time::Duration, ok: bool) {
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.fsyncs.fetch_add(1, Relaxed);
         if !ok {
             self.failed.fetch_add(1, Relaxed);
         }
@@ -148,7 +146,7 @@ impl GroupCommitStats {
 /// A snapshot of the group commit's counters (for `/metrics`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GroupCommitCounts {
-    /// Fsyncs done (failed ones included).
+    /// Fsyncs done (failed ones included): the sum of `buckets`.
     pub fsyncs: u64,
     /// Fsyncs that failed.
     pub failed: u64,
@@ -157,8 +155,7 @@ pub struct GroupCommitCounts {
     /// Time spent in them, in microseconds.
     pub micros: u64,
     /// Fsyncs by duration, per bucket of [`FSYNC_BUCKETS_US`] and a last one for longer
-    /// fsyncs (not cumulative). Read one by one while fsyncs go on, so their sum may differ
-    /// from `fsyncs` by the fsyncs being recorded.
+    /// fsyncs (not cumulative).
     pub buckets: [u64; FSYNC_BUCKETS_US.len() + 1],
 }
 
@@ -217,12 +214,13 @@ impl GroupCommit {
     /// What the thread has done so far.
     pub fn counts(&self) -> GroupCommitCounts {
         let stats = &self.stats;
+        let buckets: [u64; FSYNC_BUCKETS_US.len() + 1] = std::array::from_fn(|i| stats.buckets[i].load(Relaxed));
         GroupCommitCounts {
-            fsyncs: stats.fsyncs.load(Relaxed),
+            fsyncs: buckets.iter().sum(),
             failed: stats.failed.load(Relaxed),
             waiters: stats.waiters.load(Relaxed),
             micros: stats.micros.load(Relaxed),
-            buckets: std::array::from_fn(|i| stats.buckets[i].load(Relaxed)),
+            buckets,
         }
     }
 

@@ -162,6 +162,31 @@ impl Dialer for ProxyDialer {
     }
 }
 
+/// The environment and configuration of node `i` of `addrs` (the first one creates the
+/// cluster with `shards` data shards; the others join it through the first).
+fn node_setup(addrs: &[String], i: usize, shards: u32, net: &Arc<Net>) -> (NodeEnv, NodeConfig) {
+    let env = NodeEnv {
+        clock: Arc::new(SystemClock),
+        dialer: Arc::new(ProxyDialer { from: addrs[i].clone(), net: net.clone() }),
+        rng: SharedRng::seeded(i as u64 + 1),
+    };
+    let bootstrap = if i == 0 {
+        Bootstrap::InitCluster { shard_count: shards }
+    } else {
+        Bootstrap::Join { seed: addrs[0].clone() }
+    };
+    let config = NodeConfig {
+        data_dir: std::env::temp_dir(),
+        advertise_addr: addrs[i].clone(),
+        bootstrap,
+        replica: ReplicaOptions::default(),
+        p2p_listen: None,
+        http: None,
+        grpc_connections_per_address: palaver_node::connections::GRPC_CONNECTIONS_PER_ADDRESS_DEFAULT,
+    };
+    (env, config)
+}
+
 struct InProcessCluster {
     nodes: Vec<Node>,
     addrs: Vec<String>,
@@ -185,25 +210,7 @@ impl InProcessCluster {
         }
         let mut nodes = Vec::new();
         for (i, (listener, engine)) in listeners.into_iter().zip(engines).enumerate() {
-            let env = NodeEnv {
-                clock: Arc::new(SystemClock),
-                dialer: Arc::new(ProxyDialer { from: addrs[i].clone(), net: net.clone() }),
-                rng: SharedRng::seeded(i as u64 + 1),
-            };
-            let bootstrap = if i == 0 {
-                Bootstrap::InitCluster { shard_count: shards }
-            } else {
-                Bootstrap::Join { seed: addrs[0].clone() }
-            };
-            let config = NodeConfig {
-                data_dir: std::env::temp_dir(),
-                advertise_addr: addrs[i].clone(),
-                bootstrap,
-                replica: ReplicaOptions::default(),
-                p2p_listen: None,
-                http: None,
-                grpc_connections_per_address: palaver_node::connections::GRPC_CONNECTIONS_PER_ADDRESS_DEFAULT,
-            };
+            let (env, config) = node_setup(&addrs, i, shards, net);
             nodes.push(Node::start(config, env, engine, listener).await.expect("start"));
         }
         let cluster = InProcessCluster { nodes, addrs };
@@ -525,20 +532,7 @@ async fn a_replica_restarted_while_cut_off_still_enforces_a_ban_it_had_applied()
     let node = cluster.nodes.remove(2);
     node.shutdown().await;
     let listener = TcpListener::bind(&cluster.addrs[2]).await.expect("rebind the node's address");
-    let env = NodeEnv {
-        clock: Arc::new(SystemClock),
-        dialer: Arc::new(ProxyDialer { from: cluster.addrs[2].clone(), net: net.clone() }),
-        rng: SharedRng::seeded(33),
-    };
-    let config = NodeConfig {
-        data_dir: std::env::temp_dir(),
-        advertise_addr: cluster.addrs[2].clone(),
-        bootstrap: Bootstrap::Join { seed: cluster.addrs[0].clone() },
-        replica: ReplicaOptions::default(),
-        p2p_listen: None,
-        http: None,
-        grpc_connections_per_address: palaver_node::connections::GRPC_CONNECTIONS_PER_ADDRESS_DEFAULT,
-    };
+    let (env, config) = node_setup(&cluster.addrs, 2, 1, &net);
     cluster.nodes.push(Node::start(config, env, engines[2].clone(), listener).await.expect("restart"));
     let c = cluster.chat(2);
     let after = wait_for("the restarted replica to answer bob's post", || {
