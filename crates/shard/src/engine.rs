@@ -174,13 +174,16 @@ pub fn ensure_layout(engine: &dyn KvEngine) -> Result<(), StorageError> {
     engine.sync()
 }
 
-/// The fixed key prefix under which a family's keys are mostly appended in order: a room's
-/// events, a shard's log.
+/// The fixed key prefix under which a family's keys mostly go in next to the previous one: a
+/// room's events and a shard's log are appended in order, and a shard's Raft state keys are
+/// overwritten (the committed id on every advance), each new version just before the last.
 fn insert_hint_prefix(cf: Cf) -> Option<usize> {
     match cf {
         Cf::RoomEvents => Some(keys::ROOM_KEY_FIXED_BYTES),
         Cf::RaftLog => Some(keys::SHARD_PREFIX_BYTES),
-        Cf::RaftState | Cf::Snapshot | Cf::Node | Cf::RoomState => None,
+        Cf::RaftState => Some(keys::TAGGED_KEY_BYTES),
+        // Room state is updated in place, which memtable insert hints do not support.
+        Cf::Snapshot | Cf::Node | Cf::RoomState => None,
     }
 }
 
@@ -528,6 +531,26 @@ mod tests {
             let got: Vec<Vec<u8>> = rows.into_iter().map(|(k, _)| k).collect();
             assert_eq!(got, want.iter().map(|p| key(room, *p)).collect::<Vec<_>>());
         }
+        // Overwritten keys under the hint (a shard's Raft state): the newest version is read.
+        for round in 0u32..300 {
+            let mut batch = WriteBatch::new();
+            for shard in [3u32, 1, 2] {
+                for tag in [2u8, 1] {
+                    let key = [shard.to_be_bytes().as_slice(), &[tag]].concat();
+                    batch.put(Cf::RaftState, key, (round * 10 + shard).to_be_bytes().to_vec());
+                }
+            }
+            engine.write(batch).expect("write");
+        }
+        for shard in [1u32, 2, 3] {
+            for tag in [1u8, 2] {
+                let key = [shard.to_be_bytes().as_slice(), &[tag]].concat();
+                let value = engine.get(Cf::RaftState, &key).expect("get");
+                assert_eq!(value, Some((299 * 10 + shard).to_be_bytes().to_vec()), "shard {shard} tag {tag}");
+            }
+        }
+        let rows = engine.scan(Cf::RaftState, &[], &[0xff; 6], 100).expect("scan");
+        assert_eq!(rows.len(), 6, "one row per key, the newest");
     }
 
     /// What [`ensure_layout`] does on an empty engine, a recorded one, and older data.

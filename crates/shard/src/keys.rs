@@ -97,12 +97,12 @@ pub fn log_end(shard: ShardId) -> Vec<u8> {
 }
 
 /// `shard | tag` in the `raft_state` column family.
-pub fn raft_state_key(shard: ShardId, tag: RaftStateTag) -> [u8; 5] {
+pub fn raft_state_key(shard: ShardId, tag: RaftStateTag) -> [u8; TAGGED_KEY_BYTES] {
     tagged(shard, tag as u8)
 }
 
 /// `shard | tag` in the `snapshot` column family.
-pub fn snapshot_key(shard: ShardId, tag: SnapshotTag) -> [u8; 5] {
+pub fn snapshot_key(shard: ShardId, tag: SnapshotTag) -> [u8; TAGGED_KEY_BYTES] {
     tagged(shard, tag as u8)
 }
 
@@ -193,8 +193,11 @@ pub fn room_state_key_parts(key: &[u8]) -> Result<(RoomId, u8), StorageError> {
     Ok((RoomId(room.to_owned()), tag))
 }
 
-fn tagged(shard: ShardId, tag: u8) -> [u8; 5] {
-    let mut key = [0u8; 5];
+/// Bytes of a `shard | tag` key (`raft_state`, `snapshot`).
+pub const TAGGED_KEY_BYTES: usize = SHARD_PREFIX_BYTES + 1;
+
+fn tagged(shard: ShardId, tag: u8) -> [u8; TAGGED_KEY_BYTES] {
+    let mut key = [0u8; TAGGED_KEY_BYTES];
     key[..4].copy_from_slice(&shard.0.to_be_bytes());
     key[4] = tag;
     key
