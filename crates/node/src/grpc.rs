@@ -453,6 +453,7 @@ impl AdminService for AdminApi {
                 p2p_addrs: report.as_ref().map(|r| r.p2p_addrs.clone()).unwrap_or_default(),
                 dht_peers: report.as_ref().map(|r| r.dht_peers.clone()).unwrap_or_default(),
                 feeds_open: report.as_ref().map_or(0, |r| r.feeds_open),
+                http_addr: report.as_ref().map(|r| r.http_addr.clone()).unwrap_or_default(),
             });
             for local in report.iter().flat_map(|r| r.shards.iter()) {
                 let Some(entry) = shards.get_mut(&local.shard) else { continue };
@@ -524,6 +525,7 @@ fn local_status(node: &NodeInner) -> pb::LocalStatusReply {
         p2p_addrs: node.directory.p2p_addrs(),
         dht_peers: node.directory.dht_peers(),
         feeds_open: u32::try_from(node.feeds.open()).unwrap_or(u32::MAX),
+        http_addr: node.http_addr.clone().unwrap_or_default(),
     }
 }
 

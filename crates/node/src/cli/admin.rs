@@ -52,7 +52,7 @@ fn status_json(status: &StatusResponse) -> serde_json::Value {
         "nodes": status.nodes.iter().map(|n| serde_json::json!({
             "node_id": n.node_id, "grpc_addr": n.grpc_addr, "reachable": n.reachable,
             "peer_id": n.peer_id, "p2p_addrs": n.p2p_addrs, "dht_peers": n.dht_peers,
-            "feeds_open": n.feeds_open,
+            "feeds_open": n.feeds_open, "http_addr": n.http_addr,
         })).collect::<Vec<_>>(),
         "routes": status.routes.as_ref().map(|r| serde_json::json!({
             "cache_hits": r.cache_hits, "cache_misses": r.cache_misses, "corrections": r.corrections,
@@ -84,14 +84,16 @@ fn status_table(status: &StatusResponse) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(out, "cluster {} (answered by node {})", status.cluster_id, status.answered_by);
-    let _ = writeln!(out, "\nNODE  ADDRESS                REACHABLE  DHT PEERS  PEER ID");
+    let _ = writeln!(out, "\nNODE  ADDRESS                HTTP                   REACHABLE  DHT PEERS  PEER ID");
     for node in &status.nodes {
         let reachable = if node.reachable { "yes" } else { "NO" };
+        let http = if node.http_addr.is_empty() { "-" } else { node.http_addr.as_str() };
         let _ = writeln!(
             out,
-            "{:<5} {:<22} {:<10} {:<10} {}",
+            "{:<5} {:<22} {:<22} {:<10} {:<10} {}",
             node.node_id,
             node.grpc_addr,
+            http,
             reachable,
             node.dht_peers.len(),
             node.peer_id
@@ -131,4 +133,36 @@ fn status_table(status: &StatusResponse) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use palaver_proto::v1::{NodeStatus, StatusResponse};
+
+    use super::{status_json, status_table};
+
+    #[test]
+    fn status_shows_each_nodes_addresses_and_a_dash_for_no_http() {
+        let node = |id: u64, http: &str| NodeStatus {
+            node_id: id,
+            grpc_addr: format!("127.0.0.1:710{id}"),
+            http_addr: http.to_owned(),
+            reachable: true,
+            ..Default::default()
+        };
+        let status = StatusResponse {
+            cluster_id: "c".to_owned(),
+            answered_by: 1,
+            nodes: vec![node(1, "127.0.0.1:8101"), node(2, "")],
+            ..Default::default()
+        };
+        let table = status_table(&status);
+        let rows: Vec<Vec<&str>> =
+            table.lines().filter(|l| l.starts_with(['1', '2'])).map(|l| l.split_whitespace().collect()).collect();
+        assert_eq!(rows[0][..4], ["1", "127.0.0.1:7101", "127.0.0.1:8101", "yes"], "{table}");
+        assert_eq!(rows[1][..4], ["2", "127.0.0.1:7102", "-", "yes"], "{table}");
+        let json = status_json(&status);
+        assert_eq!(json["nodes"][0]["http_addr"], "127.0.0.1:8101");
+        assert_eq!(json["nodes"][1]["http_addr"], "");
+    }
 }

@@ -592,4 +592,11 @@ async fn metrics_parse_and_move_with_traffic() {
     let calls = value(&sent, "palaver_crdt_courier_calls_total", &[]);
     assert!(calls >= 1.0, "a courier call at least, got {calls}");
     assert!(value(&sent, "palaver_crdt_courier_rooms_total", &[]) >= 1.0);
+    // The cluster's status names where each node serves these pages, so that a tool given
+    // only gRPC addresses (`bench posts --addr`) can scrape them.
+    let status = cluster.status_from(2).await;
+    let reported: BTreeMap<u64, String> = status.nodes.iter().map(|n| (n.node_id, n.http_addr.clone())).collect();
+    let served: BTreeSet<String> = cluster.nodes.iter().map(|n| n.http.clone()).collect();
+    assert_eq!(reported.len(), 3, "{reported:?}");
+    assert_eq!(reported.values().cloned().collect::<BTreeSet<_>>(), served, "{reported:?}");
 }

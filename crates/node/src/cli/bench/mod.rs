@@ -71,6 +71,9 @@ struct ClusterArgs {
 /// The cluster under test: its nodes' addresses, and the processes if the bench started them.
 struct Cluster {
     addrs: Vec<String>,
+    /// Every node's HTTP address that serves one: of the started nodes, or with `--addr` as
+    /// the cluster's status reports them.
+    http_addrs: Vec<String>,
     processes: Vec<NodeProcess>,
     /// How the bench started the nodes, and their data, if it did.
     started: Option<(up::Layout, tempfile::TempDir)>,
@@ -92,7 +95,8 @@ impl Cluster {
         extra_args: Vec<String>,
     ) -> anyhow::Result<Self> {
         if !args.addr.is_empty() {
-            return Ok(Self { addrs: args.addr.clone(), processes: Vec::new(), started: None });
+            let http_addrs = reported_http_addrs(&args.addr).await;
+            return Ok(Self { addrs: args.addr.clone(), http_addrs, processes: Vec::new(), started: None });
         }
         let dir = tempfile::tempdir()?;
         println!(
@@ -105,7 +109,8 @@ impl Cluster {
         let processes = up::start_cluster(dir.path(), &layout, true).await?;
         let addrs: Vec<String> = processes.iter().map(|p| p.addr.clone()).collect();
         up::wait_ready(&addrs[0], usize::from(args.nodes), true).await?;
-        Ok(Self { addrs, processes, started: Some((layout, dir)) })
+        let http_addrs = processes.iter().filter_map(|p| p.http.clone()).collect();
+        Ok(Self { addrs, http_addrs, processes, started: Some((layout, dir)) })
     }
 
     /// Stop the nodes the bench started and start them again on their data; nothing with
@@ -243,8 +248,8 @@ impl CpuMeter {
     }
 }
 
-/// The WAL fsyncs of the nodes the bench started, from their `/metrics`, from
-/// [`WalMeter::start`] on: how well the nodes' writes batched into fsyncs.
+/// The WAL fsyncs of the cluster's nodes, from their `/metrics`, from [`WalMeter::start`] on:
+/// how well the nodes' writes batched into fsyncs.
 struct WalMeter {
     /// Fsyncs and the waiters they covered, summed over the nodes, at the start.
     start: Option<(f64, f64)>,
@@ -256,7 +261,7 @@ impl WalMeter {
     }
 
     /// Fsyncs per unit of `work` and writes covered per fsync since the start, as printed
-    /// (`-` when unknown: with `--addr`, or a node without HTTP).
+    /// (`-` when unknown: a node without HTTP, or one that did not answer).
     async fn per(&self, cluster: &Cluster, work: usize) -> [String; 2] {
         match (self.start, cluster.wal_totals().await) {
             (Some((fsyncs0, waiters0)), Some((fsyncs1, waiters1))) if work > 0 && fsyncs1 > fsyncs0 => {
@@ -268,17 +273,28 @@ impl WalMeter {
     }
 }
 
+/// The HTTP addresses of a running cluster's nodes, from the status of the first of `addrs`
+/// that answers; empty if none does (the bench then prints no WAL columns).
+async fn reported_http_addrs(addrs: &[String]) -> Vec<String> {
+    for addr in addrs {
+        let status = tokio::time::timeout(Duration::from_secs(5), crate::cli::admin::fetch_status(addr)).await;
+        if let Ok(Ok(status)) = status {
+            return status.nodes.into_iter().map(|n| n.http_addr).filter(|a| !a.is_empty()).collect();
+        }
+    }
+    Vec::new()
+}
+
 impl Cluster {
-    /// WAL fsyncs and the waiters they covered so far, summed over the nodes the bench
-    /// started (`None` with `--addr`, or if a node's `/metrics` cannot be read).
+    /// WAL fsyncs and the waiters they covered so far, summed over the nodes' `/metrics`
+    /// (`None` if no node serves HTTP, or if one's `/metrics` cannot be read).
     async fn wal_totals(&self) -> Option<(f64, f64)> {
-        if self.processes.is_empty() {
+        if self.http_addrs.is_empty() {
             return None;
         }
         let mut totals = (0.0, 0.0);
-        for process in &self.processes {
-            let text =
-                tokio::time::timeout(Duration::from_secs(2), get_metrics(process.http.as_ref()?)).await.ok()??;
+        for http in &self.http_addrs {
+            let text = tokio::time::timeout(Duration::from_secs(2), get_metrics(http)).await.ok()??;
             totals.0 += metric_value(&text, "palaver_wal_fsyncs_total")?;
             totals.1 += metric_value(&text, "palaver_wal_fsync_waiters_total")?;
         }
