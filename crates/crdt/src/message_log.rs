@@ -86,8 +86,16 @@ impl MessageId {
 }
 
 impl fmt::Display for MessageId {
+    /// Lowercase hex, written at once: every event sent to a client carries its message id as
+    /// text, and a `write!` per byte showed in profiles.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0u8; 2 * MESSAGE_ID_BYTES];
+        for (pair, byte) in text.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = HEX[usize::from(byte >> 4)];
+            pair[1] = HEX[usize::from(byte & 0x0f)];
+        }
+        f.write_str(std::str::from_utf8(&text).map_err(|_| fmt::Error)?)
     }
 }
 
@@ -704,6 +712,11 @@ mod tests {
         // Without length prefixes these two would hash the same bytes.
         assert_ne!(MessageId::derive(&room, &user("ab"), "c"), MessageId::derive(&room, &user("a"), "bc"));
         assert_eq!(id("ann", "c1").to_string().len(), 2 * MESSAGE_ID_BYTES);
+        // Clients see ids as lowercase hex, two digits per byte, in byte order.
+        let mut bytes = [0u8; MESSAGE_ID_BYTES];
+        bytes.iter_mut().zip([0x00, 0x01, 0x0f, 0x10, 0x9a, 0xff]).for_each(|(b, v)| *b = v);
+        assert_eq!(MessageId(bytes).to_string(), "00010f109aff00000000000000000000");
+        assert_eq!(format!("{:?}", MessageId([0xab; MESSAGE_ID_BYTES])), format!("MessageId({})", "ab".repeat(16)));
     }
 
     #[test]

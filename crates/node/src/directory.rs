@@ -200,7 +200,9 @@ pub async fn resolve_shard(node: &NodeInner, shard: ShardId) -> Route {
     if let Some(route) = directory.cache.lookup(shard) {
         return route;
     }
-    if let Some(record) = directory.lookup_shard(shard).await
+    // Boxed, like every DHT lookup on a request path: the lookup's future is large, and a
+    // request's future (moved on every spawn and push) would otherwise carry it inline.
+    if let Some(record) = Box::pin(directory.lookup_shard(shard)).await
         && record.cluster_id == node.identity.cluster_id
     {
         let route = Route::from(&record);
@@ -222,7 +224,7 @@ pub async fn node_addr(node: &NodeInner, id: NodeId) -> Option<String> {
     if known.is_some() {
         return known;
     }
-    match node.directory.lookup(&RecordKey::Node(id)).await {
+    match Box::pin(node.directory.lookup(&RecordKey::Node(id))).await {
         Some(Entry::Node(record)) if record.cluster_id == node.identity.cluster_id => {
             let addr = record.grpc_addr.clone();
             lock(&node.directory.nodes).insert(id, record);

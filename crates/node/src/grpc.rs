@@ -571,7 +571,8 @@ impl PeerApi {
             return Err(format!("node {} holds no replica of shard {shard}", self.node.id));
         }
         // A leader is adding this node to the shard before our own reconcile started it.
-        self.node.replicas.ensure(shard).await.map_err(|e| e.to_string())
+        // Boxed: starting a Raft group is a large future, and rare.
+        Box::pin(self.node.replicas.ensure(shard)).await.map_err(|e| e.to_string())
     }
 
     /// Answer `call` on `answers`, then give its in-flight permit back (if it holds one).
@@ -687,25 +688,27 @@ impl PeerApi {
         let replica = self.replica_for(message.shard, kind == pb::RaftKind::Append).await?;
         let raft = &replica.raft;
         let frame = |e: palaver_shard::StorageError| e.to_string();
+        // openraft's futures are boxed (kilobytes each), so that this one does not make every
+        // link call's future as large.
         match kind {
             pb::RaftKind::Append => {
                 let request = keys::decode(&message.payload).map_err(frame)?;
-                let response = raft.append_entries(request).await.map_err(|e| e.to_string())?;
+                let response = Box::pin(raft.append_entries(request)).await.map_err(|e| e.to_string())?;
                 keys::encode(&response).map_err(frame)
             }
             pb::RaftKind::Vote => {
                 let request = keys::decode(&message.payload).map_err(frame)?;
-                let response = raft.vote(request).await.map_err(|e| e.to_string())?;
+                let response = Box::pin(raft.vote(request)).await.map_err(|e| e.to_string())?;
                 keys::encode(&response).map_err(frame)
             }
             pb::RaftKind::PreVote => {
                 let request = keys::decode(&message.payload).map_err(frame)?;
-                let response = raft.pre_vote(request).await.map_err(|e| e.to_string())?;
+                let response = Box::pin(raft.pre_vote(request)).await.map_err(|e| e.to_string())?;
                 keys::encode(&response).map_err(frame)
             }
             pb::RaftKind::TransferLeader => {
                 let request = keys::decode(&message.payload).map_err(frame)?;
-                let response = raft.handle_transfer_leader(request).await.map_err(|e| e.to_string())?;
+                let response = Box::pin(raft.handle_transfer_leader(request)).await.map_err(|e| e.to_string())?;
                 keys::encode(&response).map_err(frame)
             }
             pb::RaftKind::Unspecified => Err("unspecified raft kind".into()),

@@ -94,7 +94,9 @@ impl Ops {
     }
 
     async fn forward(&self, user: &UserName, room: &RoomId, op: ClientOp) -> Result<ClientAnswer, ApiError> {
-        remote::forward(self.node(), user, room, op).await
+        // Boxed: the way to a remote replica (routes, retries, DHT) is a large future, and a
+        // local write's future would otherwise be as large.
+        Box::pin(remote::forward(self.node(), user, room, op)).await
     }
 
     /// `user`'s role in `room`, from the local replica, confirmed with the leader if the local
@@ -104,7 +106,8 @@ impl Ops {
         if let Some(Some(role)) = local {
             return Ok(role);
         }
-        let confirm = routing::read(self.node(), replica.shard, Query::Room(room.clone()));
+        // Boxed: the confirming read is the rare path, and a large future.
+        let confirm = Box::pin(routing::read(self.node(), replica.shard, Query::Room(room.clone())));
         let confirmed = tokio::time::timeout(Duration::from_millis(MEMBERSHIP_CONFIRM_TIMEOUT_MS), confirm).await;
         let exists_with_role = match confirmed {
             Ok(Ok(Answer::Room(found))) => found.map(|r| r.role_of(user)),

@@ -490,7 +490,8 @@ pub async fn wake_for_write(node: &NodeInner, replica: &Replica) {
     if !node.quiesce.wake_led(replica) {
         return;
     }
-    if let Err(e) = replica.raft.ensure_linearizable(crate::routing::lease_or_quorum()).await {
+    // Boxed: openraft's futures are kilobytes, and this is the rare path of every write.
+    if let Err(e) = Box::pin(replica.raft.ensure_linearizable(crate::routing::lease_or_quorum())).await {
         // The write that follows finds out the same and is routed again.
         tracing::debug!(shard = %replica.shard, error = %e, "woken leader could not renew its lease");
     }

@@ -66,7 +66,9 @@ pub async fn execute_local(node: &NodeInner, shard: ShardId, command: Command) -
         return Err(LocalError::NotLeader(node.leader_hint(shard)));
     };
     crate::quiesce::wake_for_write(node, &replica).await;
-    match replica.raft.client_write(command).await {
+    // openraft's futures are kilobytes; boxed, they do not make every request future that
+    // can reach them (moved on each spawn and push) that large too.
+    match Box::pin(replica.raft.client_write(command)).await {
         Ok(response) => Ok(Committed { outcome: response.data, log_index: response.log_id.index }),
         Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
             Err(LocalError::NotLeader(f.leader_id.map(NodeId)))
@@ -94,7 +96,7 @@ pub async fn read_local(node: &NodeInner, shard: ShardId, query: &Query) -> Resu
     let Some(replica) = node.replicas.get(shard) else {
         return Err(LocalError::NotLeader(node.leader_hint(shard)));
     };
-    match replica.raft.ensure_linearizable(lease_or_quorum()).await {
+    match Box::pin(replica.raft.ensure_linearizable(lease_or_quorum())).await {
         Ok(_) => {}
         Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f))) => {
             return Err(LocalError::NotLeader(f.leader_id.map(NodeId)));
@@ -236,7 +238,7 @@ where
             }
         } else if node.view().info.is_none() {
             // No cluster view yet (a node that just started): fetch one.
-            crate::cluster::refresh_view(node).await;
+            Box::pin(crate::cluster::refresh_view(node)).await;
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(ApiError::Unavailable { shard: shard.0, reason: "no leader reachable".into() });
