@@ -129,3 +129,24 @@ impl Replica {
         Ok(Self { shard, raft, state, crdt })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The settings correctness rests on, pinned: a restarted node never resumes as leader (its
+    /// rebuilt state may lag what it had applied), pre-vote keeps a rejoining node from
+    /// deposing a healthy leader, elections wait out missed heartbeats; and the snapshot
+    /// policy follows the options.
+    #[test]
+    fn every_group_runs_with_the_settings_correctness_rests_on() {
+        let config = raft_config(ReplicaOptions::default()).expect("valid");
+        assert_eq!(config.enable_leader_restore, Some(false));
+        assert_eq!(config.enable_pre_vote, Some(true));
+        assert_eq!(config.heartbeat_interval, HEARTBEAT_INTERVAL_MS);
+        assert!(config.election_timeout_min > 2 * config.heartbeat_interval);
+        assert_eq!(config.max_in_snapshot_log_to_keep, SNAPSHOT_LOGS_SINCE_LAST_DEFAULT / 5);
+        let small = raft_config(ReplicaOptions { snapshot_logs_since_last: 50 }).expect("valid");
+        assert_eq!(small.snapshot_policy, SnapshotPolicy::LogsSinceLast(50));
+    }
+}
