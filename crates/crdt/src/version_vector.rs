@@ -16,10 +16,21 @@ use crdts::{CmRDT, VClock};
 use palaver_ids::NodeId;
 use serde::{Deserialize, Serialize};
 
-/// A replica of a shard: the node id of the node that holds it. Dots and version vectors are
-/// keyed by it; it also breaks ties in the total order.
+/// A replica of a shard, in one life of the node that holds it ([`ReplicaId::incarnation`]),
+/// or a bare node id. Dots and version vectors are keyed by it; it also breaks ties in the
+/// total order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct ReplicaId(pub u64);
+
+impl ReplicaId {
+    /// The replica id of node `node` in its `life`-th start: `node << 32 | life` (the life's
+    /// low 32 bits). A node shares its own events before they are fsynced; after a crash it
+    /// may have lost some that peers and subscribers hold, so each start issues dots under a
+    /// new id, and no dot is ever issued twice. Life 0 is the bare node id.
+    pub fn incarnation(node: u64, life: u64) -> ReplicaId {
+        if life == 0 { ReplicaId(node) } else { ReplicaId((node << 32) | (life & 0xffff_ffff)) }
+    }
+}
 
 impl From<NodeId> for ReplicaId {
     fn from(node: NodeId) -> Self {
@@ -161,6 +172,20 @@ mod tests {
 
     fn vv(entries: &[(u64, u64)]) -> VersionVector {
         entries.iter().copied().collect::<BTreeMap<u64, u64>>().into()
+    }
+
+    #[test]
+    fn every_life_of_every_node_has_its_own_replica_id() {
+        let mut seen = std::collections::BTreeSet::new();
+        for node in [1u64, 2, 3, 4_000] {
+            for life in 1u64..=5 {
+                assert!(seen.insert(ReplicaId::incarnation(node, life)), "node {node} life {life}");
+            }
+        }
+        // Never a bare node id (life 0, which tests and data from before lives use).
+        assert!((1u64..=4_000).all(|node| !seen.contains(&ReplicaId(node))));
+        assert_eq!(ReplicaId::incarnation(3, 0), ReplicaId(3));
+        assert_eq!(ReplicaId::incarnation(3, 2), ReplicaId((3 << 32) | 2));
     }
 
     #[test]

@@ -290,7 +290,7 @@ impl Ops {
         self.member_role(&replica, &room, user).await?;
         let now_ms = self.node().now_ms();
         let hlc = replica.crdt.tick(now_ms);
-        let me = palaver_crdt::ReplicaId(self.node().id.0);
+        let me = replica.crdt.replica();
         let user = user.clone();
         replica
             .crdt

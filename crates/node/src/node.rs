@@ -282,13 +282,14 @@ impl Node {
         let (identity, replicas) = match (identity, &config.bootstrap) {
             (Some(identity), _) => {
                 let peers = Arc::new(Peers::new(identity.node_id.0, env.dialer.clone()));
-                let replicas = ReplicaSet::new(identity.node_id, engine.clone(), group_commit, peers, config.replica);
+                let replicas =
+                    ReplicaSet::new(identity.node_id, boot, engine.clone(), group_commit, peers, config.replica);
                 replicas.restore(identity.shard_count).await?;
                 tracing::info!(node = %identity.node_id, "resumed from the data directory");
                 (identity, replicas)
             }
             (None, Bootstrap::InitCluster { shard_count }) => {
-                init_cluster(&config, &env, engine.clone(), group_commit, *shard_count).await?
+                init_cluster(&config, &env, engine.clone(), group_commit, *shard_count, boot).await?
             }
             (None, Bootstrap::Join { seed }) => {
                 let seed = if seed.starts_with('/') {
@@ -306,7 +307,8 @@ impl Node {
                 p2p_seeds = seed_p2p;
                 identity.store(engine.as_ref())?;
                 let peers = Arc::new(Peers::new(identity.node_id.0, env.dialer.clone()));
-                let replicas = ReplicaSet::new(identity.node_id, engine.clone(), group_commit, peers, config.replica);
+                let replicas =
+                    ReplicaSet::new(identity.node_id, boot, engine.clone(), group_commit, peers, config.replica);
                 (identity, replicas)
             }
             (None, Bootstrap::Resume) => {
@@ -420,6 +422,7 @@ async fn init_cluster(
     engine: Arc<dyn KvEngine>,
     group_commit: GroupCommit,
     shard_count: u32,
+    boot: u64,
 ) -> Result<(NodeIdentity, ReplicaSet), NodeError> {
     if !(1..=palaver_router::SHARD_COUNT_MAX).contains(&shard_count) {
         return Err(NodeError::Bootstrap(format!(
@@ -429,7 +432,7 @@ async fn init_cluster(
     }
     let node_id = NodeId(1);
     let peers = Arc::new(Peers::new(node_id.0, env.dialer.clone()));
-    let replicas = ReplicaSet::new(node_id, engine.clone(), group_commit, peers, config.replica);
+    let replicas = ReplicaSet::new(node_id, boot, engine.clone(), group_commit, peers, config.replica);
     let members = BTreeMap::from([(node_id.0, RaftNode { addr: config.advertise_addr.clone() })]);
     for shard in (0..=shard_count).map(ShardId) {
         let replica = replicas.ensure(shard).await?;

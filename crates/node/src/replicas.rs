@@ -23,9 +23,11 @@ pub struct ReplicaSet {
 }
 
 impl ReplicaSet {
-    /// No replicas yet.
+    /// No replicas yet, for the `boot`-th start of `node` (its CRDT stores issue dots under a
+    /// replica id of this life: [`NodeCrdt::for_life`]).
     pub fn new(
         node: NodeId,
+        boot: u64,
         engine: Arc<dyn KvEngine>,
         group_commit: GroupCommit,
         peers: Arc<Peers>,
@@ -37,7 +39,7 @@ impl ReplicaSet {
             group_commit,
             peers,
             options,
-            crdt: NodeCrdt::new(),
+            crdt: NodeCrdt::for_life(boot),
             replicas: RwLock::new(BTreeMap::new()),
             starting: tokio::sync::Mutex::new(()),
         }

@@ -427,7 +427,8 @@ fn sender_summary(store: &CrdtStore, room: &RoomId) -> RoomSummary {
     })
 }
 
-/// The push of `room`: its durable events after `base` and, if `side_behind`, its side state.
+/// The push of `room`: its events after `base` that subscribers may be sent (durable, or own
+/// and written: [`CrdtStore::share_written`]) and, if `side_behind`, its side state.
 async fn room_push(
     store: &CrdtStore,
     room: RoomId,
@@ -435,7 +436,7 @@ async fn room_push(
     side_behind: bool,
 ) -> Result<RoomPush, String> {
     let cell = store.room(&room).await.map_err(|e| e.to_string())?;
-    let events = cell.durable_delta(base, PUSH_EVENTS_PER_ROOM_MAX);
+    let events = cell.visible_delta(base, PUSH_EVENTS_PER_ROOM_MAX);
     let side = if side_behind { Some(cell.lock().side.clone()) } else { None };
     let sender = sender_summary(store, &room);
     Ok(RoomPush { room, sender, events, side })

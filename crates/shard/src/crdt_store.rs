@@ -239,7 +239,10 @@ pub struct CrdtStore {
 #[derive(Debug)]
 struct StoreInner {
     shard: ShardId,
+    /// The id this store issues dots under in this life of the node.
     replica: ReplicaId,
+    /// The node's own key among `peers` (its bare node id): never counted as a peer.
+    node_key: ReplicaId,
     engine: Arc<dyn KvEngine>,
     group_commit: GroupCommit,
     node: NodeCrdt,
@@ -248,6 +251,9 @@ struct StoreInner {
     uses: std::sync::atomic::AtomicU64,
     /// Every room with events or side state, and its durable version vector and side digest.
     index: Mutex<BTreeMap<RoomId, (VersionVector, [u8; 32])>>,
+    /// Rooms with own events written and shared but not yet durable: the last such counter.
+    /// The couriers push own events up to it (the index holds only durable ones).
+    shared_own: Mutex<BTreeMap<RoomId, u64>>,
     peers: Mutex<BTreeMap<ReplicaId, PeerKnowledge>>,
     changed_rooms: Mutex<ChangedRooms>,
     received: watch::Sender<u64>,
@@ -261,6 +267,9 @@ struct StoreInner {
 pub struct NodeCrdt {
     clock: Arc<Mutex<HlcClock>>,
     own_changes: Arc<watch::Sender<u64>>,
+    /// Which start of the node this is (0: not counted, as in tests); its stores issue dots
+    /// under [`ReplicaId::incarnation`] of it.
+    life: u64,
 }
 
 impl Default for NodeCrdt {
@@ -270,9 +279,21 @@ impl Default for NodeCrdt {
 }
 
 impl NodeCrdt {
-    /// A fresh clock and signal, for one node.
+    /// A fresh clock and signal, for one node whose starts are not counted (its stores issue
+    /// dots under the bare node id).
     pub fn new() -> Self {
-        Self { clock: Arc::new(Mutex::new(HlcClock::new())), own_changes: Arc::new(watch::channel(0).0) }
+        Self::for_life(0)
+    }
+
+    /// A fresh clock and signal, for the `life`-th start of a node (its boot count, fsynced
+    /// before any store opens).
+    pub fn for_life(life: u64) -> Self {
+        Self { clock: Arc::new(Mutex::new(HlcClock::new())), own_changes: Arc::new(watch::channel(0).0), life }
+    }
+
+    /// The replica id under which the stores of `node` issue dots in this life.
+    pub fn replica_of(&self, node: u64) -> ReplicaId {
+        ReplicaId::incarnation(node, self.life)
     }
 
     /// Bumped on every own change of any store of the node ([`CrdtStore::changes`]).
@@ -403,15 +424,18 @@ fn side_digest(side: &SideState) -> Result<[u8; 32], StorageError> {
 }
 
 impl CrdtStore {
-    /// Open the store of `shard` on this node (`replica`), loading the index of its rooms.
-    /// `node` is what the node's stores share (its hybrid clock).
+    /// Open the store of `shard` on the node whose key among peers is `node_key` (its id),
+    /// loading the index of its rooms. `node` is what the node's stores share (its hybrid
+    /// clock, and which life of the node this is: the store issues dots under
+    /// [`NodeCrdt::replica_of`] the node).
     pub fn open(
         shard: ShardId,
-        replica: ReplicaId,
+        node_key: ReplicaId,
         engine: Arc<dyn KvEngine>,
         group_commit: GroupCommit,
         node: NodeCrdt,
     ) -> Result<Self, StorageError> {
+        let replica = node.replica_of(node_key.0);
         let mut index = BTreeMap::new();
         let from = keys::shard_prefix(shard).to_vec();
         let to = keys::shard_prefix_end(shard);
@@ -436,12 +460,14 @@ impl CrdtStore {
             inner: Arc::new(StoreInner {
                 shard,
                 replica,
+                node_key,
                 engine,
                 group_commit,
                 node,
                 rooms: Mutex::new(BTreeMap::new()),
                 uses: std::sync::atomic::AtomicU64::new(0),
                 index: Mutex::new(index),
+                shared_own: Mutex::new(BTreeMap::new()),
                 peers: Mutex::new(BTreeMap::new()),
                 changed_rooms: Mutex::new(ChangedRooms::default()),
                 received: watch::channel(0).0,
@@ -602,6 +628,7 @@ impl CrdtStore {
             }
             Stamped::New(written, version_vector) => (written, version_vector),
         };
+        self.share_written(room, &cell, &version_vector);
         self.inner.group_commit.sync().await?;
         self.mark_durable(room, &cell, &version_vector)?;
         Ok(written)
@@ -650,14 +677,36 @@ impl CrdtStore {
         Ok(Stamped::New(written, version_vector))
     }
 
+    /// Share own events as soon as they are written, before their fsync: subscribers may be
+    /// sent them and the couriers push them, so that the peers' fsyncs run alongside this
+    /// one. A crash may lose them here while a peer or a subscriber holds them; this life's
+    /// replica id is never used again after a restart, so no dot is issued twice, and a peer
+    /// that holds them brings them back.
+    fn share_written(&self, room: &RoomId, cell: &RoomCell, version_vector: &VersionVector) {
+        let me = self.inner.replica;
+        cell.show(version_vector);
+        let counter = version_vector.get(me);
+        let advanced = {
+            let mut shared = lock(&self.inner.shared_own);
+            let entry = shared.entry(room.clone()).or_insert(0);
+            let advanced = counter > *entry;
+            *entry = (*entry).max(counter);
+            advanced
+        };
+        if advanced {
+            self.bump_changes(room);
+        }
+    }
+
     async fn wait_durable(&self, cell: &RoomCell, position: Position) {
         let mut durable = cell.watch_durable();
         let _ = durable.wait_for(|vv| vv.contains(position.dot())).await;
     }
 
-    /// Record `version_vector` of `room` as durable; wake the pushers if this replica's own
-    /// events advanced ([`CrdtStore::changes`]), or else tell them that a peer's did
-    /// ([`CrdtStore::received`]).
+    /// Record `version_vector` of `room` as durable; if this replica's own events advanced,
+    /// forget what [`CrdtStore::share_written`] recorded up to them (the couriers were woken
+    /// then) and wake the pushers for any it did not share, or else tell them that a peer's
+    /// did ([`CrdtStore::received`]).
     fn mark_durable(&self, room: &RoomId, cell: &RoomCell, version_vector: &VersionVector) -> Result<(), StoreError> {
         let me = self.inner.replica;
         let (mut advanced, mut own_advanced) = (false, false);
@@ -680,7 +729,17 @@ impl CrdtStore {
             entry.0.merge(&durable);
             drop(index);
             if own_advanced {
-                self.bump_changes(room);
+                let mut shared = lock(&self.inner.shared_own);
+                let was_shared = shared.get(room).copied().unwrap_or(0);
+                if was_shared <= durable.get(me) {
+                    shared.remove(room);
+                }
+                drop(shared);
+                if durable.get(me) > was_shared {
+                    // Own events not shared when written: given back by a peer (this replica
+                    // had lost them), they are pushed again.
+                    self.bump_changes(room);
+                }
             } else {
                 self.inner.received.send_modify(|n| *n = n.wrapping_add(1));
             }
@@ -967,7 +1026,7 @@ impl CrdtStore {
         let held = || {
             lock(&self.inner.peers)
                 .iter()
-                .any(|(peer, k)| *peer != self.inner.replica && k.rooms.get(room).is_some_and(|vv| vv.contains(dot)))
+                .any(|(peer, k)| *peer != self.inner.node_key && k.rooms.get(room).is_some_and(|vv| vv.contains(dot)))
         };
         let wait = async {
             loop {
@@ -1043,18 +1102,32 @@ impl CrdtStore {
             .collect()
     }
 
-    /// [`CrdtStore::rooms_behind`] with [`PushScope::Own`], among `rooms` only.
+    /// [`CrdtStore::rooms_behind`] with [`PushScope::Own`], among `rooms` only, counting own
+    /// events as soon as they are written ([`CrdtStore::share_written`]), not only once durable.
     pub fn own_rooms_behind_among(&self, peer: ReplicaId, rooms: &[RoomId]) -> Vec<(RoomId, VersionVector, bool)> {
         let me = self.inner.replica;
         let peers = lock(&self.inner.peers);
         let knowledge = peers.get(&peer);
         let index = lock(&self.inner.index);
+        let shared = lock(&self.inner.shared_own);
+        let (empty, no_side) = (VersionVector::new(), [0u8; 32]);
         rooms
             .iter()
             .filter_map(|room| {
-                let (vv, side) = index.get(room)?;
-                room_behind(knowledge, me, PushScope::Own, room, vv, side)
-                    .map(|(base, side)| (room.clone(), base, side))
+                let written = shared.get(room).copied().unwrap_or(0);
+                let (vv, side) = match index.get(room) {
+                    Some((vv, side)) => (vv, side),
+                    None if written > 0 => (&empty, &no_side),
+                    None => return None,
+                };
+                let behind = if written > vv.get(me) {
+                    let mut vv = vv.clone();
+                    vv.advance(Dot::new(me, written));
+                    room_behind(knowledge, me, PushScope::Own, room, &vv, side)
+                } else {
+                    room_behind(knowledge, me, PushScope::Own, room, vv, side)
+                };
+                behind.map(|(base, side)| (room.clone(), base, side))
             })
             .collect()
     }
@@ -1080,7 +1153,7 @@ impl CrdtStore {
         let index = lock(&self.inner.index);
         peers
             .iter()
-            .filter(|(peer, _)| **peer != self.inner.replica)
+            .filter(|(peer, _)| **peer != self.inner.node_key)
             .map(|(peer, knowledge)| {
                 let mut missing = 0u64;
                 for (room, (vv, _)) in index.iter() {
@@ -1115,7 +1188,7 @@ mod tests {
     use palaver_crdt::MessageId;
 
     use super::*;
-    use crate::engine::{MemEngine, RocksEngine};
+    use crate::engine::{KeyValue, MemEngine, RocksEngine};
 
     fn store(engine: Arc<dyn KvEngine>, replica: u64) -> CrdtStore {
         let group_commit = GroupCommit::start(engine.clone());
@@ -1147,6 +1220,88 @@ mod tests {
             .write_local(room, UserName(author.into()), post(room, author, cid, cid), now_ms, None)
             .await
             .expect("write")
+    }
+
+    /// A memory engine whose fsyncs wait while `held` is set.
+    #[derive(Debug)]
+    struct HeldSync {
+        inner: MemEngine,
+        held: std::sync::Mutex<bool>,
+        released: std::sync::Condvar,
+    }
+
+    impl HeldSync {
+        fn release(&self) {
+            *self.held.lock().expect("lock") = false;
+            self.released.notify_all();
+        }
+    }
+
+    impl KvEngine for HeldSync {
+        fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+            self.inner.get(cf, key)
+        }
+        fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
+            self.inner.write(batch)
+        }
+        fn sync(&self) -> Result<(), StorageError> {
+            let held = self.held.lock().expect("lock");
+            drop(self.released.wait_while(held, |held| *held).expect("wait"));
+            self.inner.sync()
+        }
+        fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
+            self.inner.scan(cf, from, to, limit)
+        }
+        fn scan_rev(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
+            self.inner.scan_rev(cf, from, to, limit)
+        }
+    }
+
+    /// An own event is shown to subscribers and handed to the couriers as soon as it is
+    /// written, while its fsync still runs, under this life's replica id; the write returns,
+    /// and the event counts as durable, only after the fsync.
+    #[tokio::test]
+    async fn own_events_are_shared_before_their_fsync_under_this_lifes_id() {
+        let engine = Arc::new(HeldSync {
+            inner: MemEngine::new(),
+            held: std::sync::Mutex::new(true),
+            released: std::sync::Condvar::new(),
+        });
+        let group_commit = GroupCommit::start(engine.clone());
+        let life = 7;
+        let store = CrdtStore::open(ShardId(1), ReplicaId(1), engine.clone(), group_commit, NodeCrdt::for_life(life))
+            .expect("open");
+        let me = ReplicaId::incarnation(1, life);
+        assert_eq!(store.replica(), me);
+        let room = RoomId("general".into());
+        // A peer that has listed everything it holds (nothing), so it lacks what is written.
+        store.record_peer_listing(ReplicaId(2), &[], &RoomId(String::new()), None);
+        let writing = {
+            let store = store.clone();
+            let room = room.clone();
+            tokio::spawn(async move { write(&store, &room, "ada", "c1", 1_000).await })
+        };
+        let cell = store.room(&room).await.expect("room");
+        let mut visible = cell.watch_visible();
+        // (The borrow `wait_for` returns is let go at once: it would block the next update.)
+        let shown = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            visible.wait_for(|vv| vv.contains(Dot::new(me, 1))),
+        )
+        .await
+        .is_ok_and(|seen| seen.is_ok());
+        assert!(shown, "the event is visible while its fsync is held");
+        assert_eq!(cell.visible_delta(&VersionVector::new(), 10).len(), 1);
+        let behind = store.own_rooms_behind_among(ReplicaId(2), std::slice::from_ref(&room));
+        assert_eq!(behind.len(), 1, "the couriers push it before its fsync: {behind:?}");
+        assert_eq!(behind[0].1.get(me), 0, "from the peer's count of this life's events");
+        assert!(!writing.is_finished(), "the write returns only after its fsync");
+        assert!(!cell.durable().contains(Dot::new(me, 1)));
+        engine.release();
+        let written = writing.await.expect("join");
+        assert_eq!(written.position.dot(), Dot::new(me, 1));
+        assert!(cell.durable().contains(Dot::new(me, 1)));
+        assert!(lock(&store.inner.shared_own).is_empty(), "nothing shared beyond the durable events");
     }
 
     #[tokio::test]
@@ -1317,7 +1472,7 @@ mod tests {
     /// fsync (the peer fsynced them before sending), but this replica's own events only once
     /// they are fsynced here.
     #[tokio::test]
-    async fn peers_events_are_visible_before_the_local_fsync_and_own_events_after_it() {
+    async fn peers_events_are_visible_before_the_local_fsync() {
         let a = store(Arc::new(MemEngine::new()), 1);
         let b = store(Arc::new(MemEngine::new()), 2);
         let room = RoomId("vis".into());
@@ -1328,7 +1483,7 @@ mod tests {
         let cell = b.room(&room).await.expect("room");
         let mut visible = cell.watch_visible();
         visible.borrow_and_update();
-        // b's own event, stamped and written but not yet fsynced.
+        // b's own event, stamped and written but not yet shared (nor fsynced).
         let own = match b.stamp_and_write(
             &room,
             &cell,
@@ -1348,7 +1503,7 @@ mod tests {
         assert!(again.wrote(), "a room with unsynced events needs an fsync before it is published");
         let shown: Vec<Dot> = cell.visible_delta(&VersionVector::new(), 100).iter().map(|e| e.dot).collect();
         let from_a_dots: Vec<Dot> = from_a.iter().map(|e| e.dot).collect();
-        assert_eq!(shown, from_a_dots, "a's events are visible, b's unsynced own event is not");
+        assert_eq!(shown, from_a_dots, "a's events are visible, b's unshared own event is not");
         assert!(cell.durable_delta(&VersionVector::new(), 100).is_empty(), "nothing is durable here yet");
         b.sync().await.expect("sync");
         b.publish_remote_rooms(staged).expect("publish");

@@ -19,7 +19,7 @@ pub struct Position {
     pub wall_ms: u64,
     /// Hybrid logical clock, logical part.
     pub logical: u32,
-    /// The replica (node id) that accepted the event.
+    /// The replica that accepted the event (its node id << 32 | the node's boot count).
     pub replica: u64,
     /// The event's sequence number at that replica, in this room.
     pub counter: u64,
@@ -37,7 +37,7 @@ impl From<Position> for pb::Position {
     }
 }
 
-/// What a client holds of a room: replica (node id, as a string key) -> highest counter held.
+/// What a client holds of a room: replica (as a string key) -> highest counter held.
 pub type VersionVector = BTreeMap<String, u64>;
 
 fn vv_to_pb(vv: &VersionVector) -> Result<pb::VersionVector, ApiError> {

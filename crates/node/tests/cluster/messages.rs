@@ -56,6 +56,18 @@ async fn quorum_acknowledged_posts_survive_kill_9_of_the_accepting_replica() {
     })
     .await;
     assert_eq!(got, acknowledged, "the accepting replica kept everything it acknowledged");
+    // Its posts now carry a replica id of its new life: the dots of the life before, some of
+    // which a crash could have lost after peers and subscribers saw them, are never reused.
+    let replica_of = |history: Vec<palaver_proto::v1::Message>, body: &str| {
+        history.iter().find(|m| m.body == body).and_then(|m| m.position.as_ref()).map(|p| p.replica)
+    };
+    post(&mut cluster.chat(0), &ada, "durable", "after", AckLevel::Quorum).await.expect("post after restart");
+    let request = HistoryRequest { room: "durable".into(), limit: 500, oldest_first: true, ..Default::default() };
+    let messages = cluster.chat(0).history(authed(request, &ada)).await.expect("history").into_inner().messages;
+    let (before, after) = (replica_of(messages.clone(), "m0"), replica_of(messages, "after"));
+    assert!(before.is_some() && after.is_some(), "{before:?} {after:?}");
+    assert_ne!(before, after, "a new life, a new replica id");
+    assert_eq!(before.map(|r| r >> 32), after.map(|r| r >> 32), "of the same node");
 }
 
 /// Read events from `stream` until a `caught_up` marker, recording each message event's dot.
