@@ -1103,7 +1103,7 @@ impl CrdtStore {
     }
 
     /// [`CrdtStore::rooms_behind`] with [`PushScope::Own`], among `rooms` only, counting own
-    /// events as soon as they are written ([`CrdtStore::share_written`]), not only once durable.
+    /// events as soon as they are written (and shared), not only once durable.
     pub fn own_rooms_behind_among(&self, peer: ReplicaId, rooms: &[RoomId]) -> Vec<(RoomId, VersionVector, bool)> {
         let me = self.inner.replica;
         let peers = lock(&self.inner.peers);
