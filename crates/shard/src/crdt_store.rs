@@ -1120,14 +1120,15 @@ impl CrdtStore {
                     None if written > 0 => (&empty, &no_side),
                     None => return None,
                 };
-                let behind = if written > vv.get(me) {
-                    let mut vv = vv.clone();
-                    vv.advance(Dot::new(me, written));
-                    room_behind(knowledge, me, PushScope::Own, room, &vv, side)
+                let vv = if written > vv.get(me) {
+                    let mut raised = vv.clone();
+                    raised.advance(Dot::new(me, written));
+                    std::borrow::Cow::Owned(raised)
                 } else {
-                    room_behind(knowledge, me, PushScope::Own, room, vv, side)
+                    std::borrow::Cow::Borrowed(vv)
                 };
-                behind.map(|(base, side)| (room.clone(), base, side))
+                room_behind(knowledge, me, PushScope::Own, room, &vv, side)
+                    .map(|(base, side)| (room.clone(), base, side))
             })
             .collect()
     }

@@ -532,21 +532,21 @@ mod tests {
             assert_eq!(got, want.iter().map(|p| key(room, *p)).collect::<Vec<_>>());
         }
         // Overwritten keys under the hint (a shard's Raft state): the newest version is read.
+        let state_key = |shard: u32, tag| keys::raft_state_key(palaver_ids::ShardId(shard), tag).to_vec();
+        let tags = [keys::RaftStateTag::Committed, keys::RaftStateTag::Vote];
         for round in 0u32..300 {
             let mut batch = WriteBatch::new();
             for shard in [3u32, 1, 2] {
-                for tag in [2u8, 1] {
-                    let key = [shard.to_be_bytes().as_slice(), &[tag]].concat();
-                    batch.put(Cf::RaftState, key, (round * 10 + shard).to_be_bytes().to_vec());
+                for tag in tags {
+                    batch.put(Cf::RaftState, state_key(shard, tag), (round * 10 + shard).to_be_bytes().to_vec());
                 }
             }
             engine.write(batch).expect("write");
         }
         for shard in [1u32, 2, 3] {
-            for tag in [1u8, 2] {
-                let key = [shard.to_be_bytes().as_slice(), &[tag]].concat();
-                let value = engine.get(Cf::RaftState, &key).expect("get");
-                assert_eq!(value, Some((299 * 10 + shard).to_be_bytes().to_vec()), "shard {shard} tag {tag}");
+            for tag in tags {
+                let value = engine.get(Cf::RaftState, &state_key(shard, tag)).expect("get");
+                assert_eq!(value, Some((299 * 10 + shard).to_be_bytes().to_vec()), "shard {shard} tag {tag:?}");
             }
         }
         let rows = engine.scan(Cf::RaftState, &[], &[0xff; 6], 100).expect("scan");
