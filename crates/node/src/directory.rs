@@ -43,7 +43,7 @@ const _: () = assert!(REPUBLISH_INTERVAL_MS < palaver_router::dht::RECORD_TTL_SE
 /// Key of the node's libp2p key in the `node` family.
 const P2P_KEY: &[u8] = b"p2p_key";
 /// Key of the node's boot counter in the `node` family.
-const BOOT_COUNT_KEY: &[u8] = b"boot_count";
+pub(crate) const BOOT_COUNT_KEY: &[u8] = b"boot_count";
 
 /// The node's libp2p key, created and persisted on first use.
 pub fn load_or_create_key(engine: &dyn KvEngine, rng: &SharedRng) -> Result<Keypair, StorageError> {
@@ -63,16 +63,17 @@ pub fn load_or_create_key(engine: &dyn KvEngine, rng: &SharedRng) -> Result<Keyp
 
 /// Count this start and return its number (1 for the first).
 pub fn next_boot(engine: &dyn KvEngine) -> Result<u64, StorageError> {
-    let previous = engine
-        .get(Cf::Node, BOOT_COUNT_KEY)?
-        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
-        .map_or(0, u64::from_be_bytes);
-    let boot = previous + 1;
+    let boot = read_counter(engine, BOOT_COUNT_KEY)?.unwrap_or(0) + 1;
     let mut batch = WriteBatch::new();
     batch.put(Cf::Node, BOOT_COUNT_KEY.to_vec(), boot.to_be_bytes().to_vec());
     engine.write(batch)?;
     engine.sync()?;
     Ok(boot)
+}
+
+/// A `u64` counter the node keeps in its `node` family, if set.
+pub(crate) fn read_counter(engine: &dyn KvEngine, key: &[u8]) -> Result<Option<u64>, StorageError> {
+    Ok(engine.get(Cf::Node, key)?.and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok()).map(u64::from_be_bytes))
 }
 
 /// What the node published last, per record key, and when.

@@ -220,6 +220,9 @@ impl From<palaver_shard::StoreError> for ApiError {
             palaver_shard::StoreError::Crdt(e) if e.is_retryable() => {
                 ApiError::Unavailable { shard: 0, reason: e.to_string() }
             }
+            palaver_shard::StoreError::Closed { shard } => {
+                ApiError::Unavailable { shard: shard.0, reason: "the node is shutting down".into() }
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -272,6 +272,8 @@ impl Node {
         palaver_shard::engine::ensure_layout(engine.as_ref())?;
         let group_commit = GroupCommit::start(engine.clone());
         let identity = NodeIdentity::load(engine.as_ref())?;
+        // The life first: a data directory from before its counter reads the boot count.
+        let life = crate::replicas::begin_life(engine.as_ref())?;
         let boot = crate::directory::next_boot(engine.as_ref())?;
         let dht = match &config.p2p_listen {
             Some(listen) => Some(start_dht(engine.as_ref(), &env, listen).await?),
@@ -283,13 +285,13 @@ impl Node {
             (Some(identity), _) => {
                 let peers = Arc::new(Peers::new(identity.node_id.0, env.dialer.clone()));
                 let replicas =
-                    ReplicaSet::new(identity.node_id, boot, engine.clone(), group_commit, peers, config.replica);
+                    ReplicaSet::new(identity.node_id, life, engine.clone(), group_commit, peers, config.replica);
                 replicas.restore(identity.shard_count).await?;
                 tracing::info!(node = %identity.node_id, "resumed from the data directory");
                 (identity, replicas)
             }
             (None, Bootstrap::InitCluster { shard_count }) => {
-                init_cluster(&config, &env, engine.clone(), group_commit, *shard_count, boot).await?
+                init_cluster(&config, &env, engine.clone(), group_commit, *shard_count, life).await?
             }
             (None, Bootstrap::Join { seed }) => {
                 let seed = if seed.starts_with('/') {
@@ -308,7 +310,7 @@ impl Node {
                 identity.store(engine.as_ref())?;
                 let peers = Arc::new(Peers::new(identity.node_id.0, env.dialer.clone()));
                 let replicas =
-                    ReplicaSet::new(identity.node_id, boot, engine.clone(), group_commit, peers, config.replica);
+                    ReplicaSet::new(identity.node_id, life, engine.clone(), group_commit, peers, config.replica);
                 (identity, replicas)
             }
             (None, Bootstrap::Resume) => {
@@ -422,7 +424,7 @@ async fn init_cluster(
     engine: Arc<dyn KvEngine>,
     group_commit: GroupCommit,
     shard_count: u32,
-    boot: u64,
+    life: u64,
 ) -> Result<(NodeIdentity, ReplicaSet), NodeError> {
     if !(1..=palaver_router::SHARD_COUNT_MAX).contains(&shard_count) {
         return Err(NodeError::Bootstrap(format!(
@@ -432,7 +434,7 @@ async fn init_cluster(
     }
     let node_id = NodeId(1);
     let peers = Arc::new(Peers::new(node_id.0, env.dialer.clone()));
-    let replicas = ReplicaSet::new(node_id, boot, engine.clone(), group_commit, peers, config.replica);
+    let replicas = ReplicaSet::new(node_id, life, engine.clone(), group_commit, peers, config.replica);
     let members = BTreeMap::from([(node_id.0, RaftNode { addr: config.advertise_addr.clone() })]);
     for shard in (0..=shard_count).map(ShardId) {
         let replica = replicas.ensure(shard).await?;

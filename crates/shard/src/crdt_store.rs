@@ -42,7 +42,7 @@
 //! collection of tombstones.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use palaver_crdt::{
     Applied, CrdtError, Dot, Event, EventKind, Hlc, HlcClock, MessageId, Position, PresenceMap, ReadMarkers, ReplicaId,
@@ -77,6 +77,13 @@ pub enum StoreError {
     /// The CRDT refused the operation (clock drift, a gap, a conflicting dot).
     #[error(transparent)]
     Crdt(#[from] CrdtError),
+    /// The node is shutting down: its stores issue no more dots in this life
+    /// ([`NodeCrdt::seal`]).
+    #[error("shard {shard}: the node is shutting down")]
+    Closed {
+        /// The store's shard.
+        shard: ShardId,
+    },
 }
 
 /// The state of a room that is not in its event log: read markers, presence and typing.
@@ -267,9 +274,12 @@ struct StoreInner {
 pub struct NodeCrdt {
     clock: Arc<Mutex<HlcClock>>,
     own_changes: Arc<watch::Sender<u64>>,
-    /// Which start of the node this is (0: not counted, as in tests); its stores issue dots
+    /// Which life of the node this is (0: not counted, as in tests); its stores issue dots
     /// under [`ReplicaId::incarnation`] of it.
     life: u64,
+    /// Whether the life is sealed ([`NodeCrdt::seal`]). A store holds the read side from
+    /// stamping an own event until the event is written to the engine.
+    sealed: Arc<RwLock<bool>>,
 }
 
 impl Default for NodeCrdt {
@@ -285,10 +295,28 @@ impl NodeCrdt {
         Self::for_life(0)
     }
 
-    /// A fresh clock and signal, for the `life`-th start of a node (its boot count, fsynced
-    /// before any store opens).
+    /// A fresh clock and signal, for the `life`-th life of a node (counted and fsynced before
+    /// any store opens; a life ends with a crash, or with [`NodeCrdt::seal`]).
     pub fn for_life(life: u64) -> Self {
-        Self { clock: Arc::new(Mutex::new(HlcClock::new())), own_changes: Arc::new(watch::channel(0).0), life }
+        Self {
+            clock: Arc::new(Mutex::new(HlcClock::new())),
+            own_changes: Arc::new(watch::channel(0).0),
+            life,
+            sealed: Arc::new(RwLock::new(false)),
+        }
+    }
+
+    /// This life's number.
+    pub fn life(&self) -> u64 {
+        self.life
+    }
+
+    /// End this life's own writes: from now on the node's stores refuse to stamp an event
+    /// ([`StoreError::Closed`]). Returns once every event stamped before is written to the
+    /// engine, so that an engine fsync after it makes every dot this life issued durable; only
+    /// then may the next start of the node reuse the life (and issue dots after them).
+    pub fn seal(&self) {
+        *self.sealed.write().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
     }
 
     /// The replica id under which the stores of `node` issue dots in this life.
@@ -644,6 +672,11 @@ impl CrdtStore {
         now_ms: u64,
         seen: Option<Hlc>,
     ) -> Result<Stamped, StoreError> {
+        // Held until the event is in the engine, so that a seal waits for it.
+        let sealed = self.inner.node.sealed.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *sealed {
+            return Err(StoreError::Closed { shard: self.inner.shard });
+        }
         let mut state = cell.lock();
         if let EventKind::Post { message_id, .. } = &kind
             && let Some(message) = state.log.message(message_id)
@@ -1303,6 +1336,40 @@ mod tests {
         assert_eq!(written.position.dot(), Dot::new(me, 1));
         assert!(cell.durable().contains(Dot::new(me, 1)));
         assert!(lock(&store.inner.shared_own).is_empty(), "nothing shared beyond the durable events");
+    }
+
+    /// A sealed life stamps nothing more, in any store of the node; a store of the same life
+    /// opened afterwards on the same engine (the next start, after a clean shutdown) goes on
+    /// after the dots the life issued.
+    #[tokio::test]
+    async fn a_sealed_life_stamps_nothing_and_goes_on_after_its_dots() {
+        let engine: Arc<dyn KvEngine> = Arc::new(MemEngine::new());
+        let life = 3;
+        let node = NodeCrdt::for_life(life);
+        let open = |shard: u32, node: &NodeCrdt| {
+            CrdtStore::open(
+                ShardId(shard),
+                ReplicaId(1),
+                engine.clone(),
+                GroupCommit::start(engine.clone()),
+                node.clone(),
+            )
+            .expect("open")
+        };
+        let (first, second) = (open(1, &node), open(2, &node));
+        let room = RoomId("general".into());
+        let written = write(&first, &room, "ada", "c1", 1_000).await;
+        assert_eq!(written.position.dot(), Dot::new(ReplicaId::incarnation(1, life), 1));
+        node.seal();
+        for store in [&first, &second] {
+            let refused =
+                store.write_local(&room, UserName("ada".into()), post(&room, "ada", "c2", "c2"), 2_000, None).await;
+            assert_eq!(refused.err(), Some(StoreError::Closed { shard: store.shard() }));
+        }
+        assert_eq!(first.room(&room).await.expect("room").durable().get(ReplicaId::incarnation(1, life)), 1);
+        let next = open(1, &NodeCrdt::for_life(life));
+        let written = write(&next, &room, "ada", "c2", 3_000).await;
+        assert_eq!(written.position.dot(), Dot::new(ReplicaId::incarnation(1, life), 2), "after the life's first dot");
     }
 
     #[tokio::test]

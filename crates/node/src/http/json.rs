@@ -19,7 +19,7 @@ pub struct Position {
     pub wall_ms: u64,
     /// Hybrid logical clock, logical part.
     pub logical: u32,
-    /// The replica that accepted the event (its node id << 32 | the node's boot count).
+    /// The replica that accepted the event (its node id << 32 | the node's life).
     pub replica: u64,
     /// The event's sequence number at that replica, in this room.
     pub counter: u64,
