@@ -34,17 +34,43 @@ use crate::types::{Entry, IoFlushed, LogId, TypeConfig, Vote};
 /// own requests (`max_payload_entries`) and expects every entry of the range it asks for.
 pub const LOG_READ_ENTRIES_MAX: usize = usize::MAX;
 
-/// Under load, the least time between the starts of two fsyncs. On this project's VM an
-/// fsync costs ~40 µs of CPU besides its wait (a device flush is a VM exit), and back-to-back
-/// fsyncs under load each covered only 2–3 waiters; spacing them by 1 ms raised 64-client
-/// consensus writes from ~5,800/s to ~7,000/s (medians). A lone waiter is never delayed.
+/// Under load, the least time between the starts of two fsyncs when the last one covered a
+/// Raft append. On this project's VM an fsync costs ~40 µs of CPU besides its wait (a device
+/// flush is a VM exit), and back-to-back fsyncs under load each covered only 2–3 waiters;
+/// spacing them by 1 ms raised 64-client consensus writes from ~5,800/s to ~7,000/s
+/// (medians). A lone waiter is never delayed. 2 ms did worse for consensus writes
+/// (2026-11-28, three ABBA pairs at 64 clients: 5,529/5,840/7,127 against 7,127/6,338/7,932
+/// commits/s): each of a group's rounds waits for the fsync, and at 64 shards a round carries
+/// about one write. CRDT writes are spaced further ([`CRDT_FSYNC_INTERVAL_MIN_US`]).
 ///
-/// Tried and left out (2026-11-27): 2 ms once an fsync covered 3 or more waiters. At
+/// Tried and left out (2026-11-27, when deliveries still waited for the accepting replica's
+/// fsync): 2 ms for every waiter once an fsync covered 3 or more. At
 /// saturation it cut fsyncs from ~0.35 to ~0.25 per post (three nodes) and context switches
 /// from ~3.1 to ~2.6, but posts/s moved within noise, and at `bench posts --rate 2000` the
 /// batches reached 3 as well: ack and delivery p50 rose by ~1 ms (1.4 → 2.5 ms). The waiter
 /// count does not tell saturation from a moderate load.
 pub const FSYNC_INTERVAL_MIN_US: u64 = 1_000;
+
+/// Under load, the least time between the starts of two fsyncs when the last one covered
+/// CRDT writes only. Since events are shown to subscribers and sent to peers before their
+/// fsync, delivery does not wait for it, and a `quorum` ack waits for two fsyncs that run
+/// side by side on two nodes; fewer fsyncs leave more CPU to everything else. Against 1 ms
+/// (2026-11-28, three ABBA pairs each): at `bench posts --rate 2000 --subscribers 10`
+/// delivery p99 2.68/2.84/4.13 ms against 3.53/3.41/5.06, ack p99 3.69/3.84/5.20 against
+/// 4.53/4.25/6.61, ack p50 +0.3 ms (1.94 against 1.65), fsyncs per post 1.41 against 1.68; at
+/// 64 in flight (two pairs) 9,081/8,316 posts/s against 8,790/6,803.
+pub const CRDT_FSYNC_INTERVAL_MIN_US: u64 = 2_000;
+
+/// How long the group commit waits, from the start of the last fsync, before the next one:
+/// not at all after a lone waiter, else by what the last fsync covered.
+fn fsync_gap(waiters: usize, any_raft: bool) -> std::time::Duration {
+    let micros = match (waiters, any_raft) {
+        (0 | 1, _) => 0,
+        (_, true) => FSYNC_INTERVAL_MIN_US,
+        (_, false) => CRDT_FSYNC_INTERVAL_MIN_US,
+    };
+    std::time::Duration::from_micros(micros)
+}
 
 /// How many of a shard's newest log entries are kept in memory (the store's tail cache).
 /// openraft reads back entries it has just appended (the leader to replicate them, every
@@ -226,14 +252,13 @@ impl GroupCommit {
 
     fn run(engine: std::sync::Weak<dyn KvEngine>, pending: mpsc::Receiver<Flushed>, stats: &GroupCommitStats) {
         let mut last_start = std::time::Instant::now();
-        let mut busy = false;
+        let mut gap = std::time::Duration::ZERO;
         while let Ok(first) = pending.recv() {
             // Under load (the last fsync covered more than one waiter) wait out the rest of
             // the interval so that the next fsync covers more: fsyncs cost CPU, not only time.
             // A lone waiter is fsynced at once.
-            let gap = std::time::Duration::from_micros(FSYNC_INTERVAL_MIN_US);
             let since = last_start.elapsed();
-            if busy && since < gap {
+            if since < gap {
                 std::thread::sleep(gap - since);
             }
             last_start = std::time::Instant::now();
@@ -245,7 +270,7 @@ impl GroupCommit {
                 None => Err(StorageError::io("the engine is closed")),
             };
             stats.record(batch.len(), started.elapsed(), result.is_ok());
-            busy = batch.len() > 1;
+            gap = fsync_gap(batch.len(), batch.iter().any(|waiter| matches!(waiter, Flushed::Raft(_))));
             for waiter in batch {
                 waiter.complete(result.clone());
             }
@@ -463,6 +488,17 @@ mod tests {
 
     fn indexes(entries: Option<Vec<Entry>>) -> Option<Vec<u64>> {
         entries.map(|es| es.iter().map(|e| e.index()).collect())
+    }
+
+    #[test]
+    fn a_lone_waiter_is_fsynced_at_once_and_raft_appends_wait_less_than_crdt_writes() {
+        use std::time::Duration;
+        assert_eq!(fsync_gap(0, false), Duration::ZERO);
+        assert_eq!(fsync_gap(1, true), Duration::ZERO, "a lone waiter");
+        assert_eq!(fsync_gap(1, false), Duration::ZERO, "a lone waiter");
+        assert_eq!(fsync_gap(2, true), Duration::from_micros(FSYNC_INTERVAL_MIN_US));
+        assert_eq!(fsync_gap(5, false), Duration::from_micros(CRDT_FSYNC_INTERVAL_MIN_US));
+        const { assert!(FSYNC_INTERVAL_MIN_US < CRDT_FSYNC_INTERVAL_MIN_US) };
     }
 
     #[tokio::test]
