@@ -11,7 +11,9 @@
 //! A subscription ends on its own (one `end` with the error its `Subscribe` stream would have
 //! ended with); the others go on. A start is refused the same way: an invalid or expired
 //! token, a room the user is not in, more than [`SUBSCRIBE_ROOMS_PER_STREAM_MAX`] running.
-//! Starting an id that is running replaces it. A client that stops reading fills the queue,
+//! Starting an id that is running replaces it; a stop is not acknowledged (events the stopped
+//! subscription already queued still go out), so a client resumes under a new id and drops
+//! the stopped id's late events. A client that stops reading fills the queue,
 //! and then every subscription on the stream waits (pulling nothing from its room's log), as
 //! one slow `Subscribe` stream does.
 
