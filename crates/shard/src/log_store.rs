@@ -58,7 +58,8 @@ pub const FSYNC_INTERVAL_MIN_US: u64 = 1_000;
 /// (2026-11-28, three ABBA pairs each): at `bench posts --rate 2000 --subscribers 10`
 /// delivery p99 2.68/2.84/4.13 ms against 3.53/3.41/5.06, ack p99 3.69/3.84/5.20 against
 /// 4.53/4.25/6.61, ack p50 +0.3 ms (1.94 against 1.65), fsyncs per post 1.41 against 1.68; at
-/// 64 in flight (two pairs) 9,081/8,316 posts/s against 8,790/6,803.
+/// 64 in flight (two pairs) 9,081/8,316 posts/s against 8,790/6,803. 3 ms did no better than
+/// 2 (two pairs: delivery p99 2.92/3.15 against 2.72/2.78 ms, ack p50 +0.5 ms).
 pub const CRDT_FSYNC_INTERVAL_MIN_US: u64 = 2_000;
 
 /// How long the group commit waits, from the start of the last fsync, before the next one:
