@@ -23,10 +23,10 @@ use serde::{Deserialize, Serialize};
 pub struct ReplicaId(pub u64);
 
 impl ReplicaId {
-    /// The replica id of node `node` in its `life`-th start: `node << 32 | life` (the life's
+    /// The replica id of node `node` in its `life`-th life: `node << 32 | life` (the life's
     /// low 32 bits). A node shares its own events before they are fsynced; after a crash it
-    /// may have lost some that peers and subscribers hold, so each start issues dots under a
-    /// new id, and no dot is ever issued twice. Life 0 is the bare node id.
+    /// may have lost some that peers and subscribers hold, so each start after a crash issues
+    /// dots under a new id, and no dot is ever issued twice. Life 0 is the bare node id.
     pub fn incarnation(node: u64, life: u64) -> ReplicaId {
         if life == 0 { ReplicaId(node) } else { ReplicaId((node << 32) | (life & 0xffff_ffff)) }
     }

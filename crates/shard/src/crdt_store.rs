@@ -713,8 +713,9 @@ impl CrdtStore {
     /// Share own events as soon as they are written, before their fsync: subscribers may be
     /// sent them and the couriers push them, so that the peers' fsyncs run alongside this
     /// one. A crash may lose them here while a peer or a subscriber holds them; this life's
-    /// replica id is never used again after a restart, so no dot is issued twice, and a peer
-    /// that holds them brings them back.
+    /// replica id is never used again after a crash (only after a clean stop, which makes
+    /// every dot of the life durable first: [`NodeCrdt::seal`]), so no dot is issued twice,
+    /// and a peer that holds them brings them back.
     fn share_written(&self, room: &RoomId, cell: &RoomCell, version_vector: &VersionVector) {
         let me = self.inner.replica;
         cell.show(version_vector);
@@ -1222,7 +1223,7 @@ mod tests {
     use palaver_crdt::MessageId;
 
     use super::*;
-    use crate::engine::{KeyValue, MemEngine, RocksEngine};
+    use crate::engine::{MemEngine, RocksEngine, StallingEngine};
 
     fn store(engine: Arc<dyn KvEngine>, replica: u64) -> CrdtStore {
         let group_commit = GroupCommit::start(engine.clone());
@@ -1256,51 +1257,13 @@ mod tests {
             .expect("write")
     }
 
-    /// A memory engine whose fsyncs wait while `held` is set.
-    #[derive(Debug)]
-    struct HeldSync {
-        inner: MemEngine,
-        held: std::sync::Mutex<bool>,
-        released: std::sync::Condvar,
-    }
-
-    impl HeldSync {
-        fn release(&self) {
-            *self.held.lock().expect("lock") = false;
-            self.released.notify_all();
-        }
-    }
-
-    impl KvEngine for HeldSync {
-        fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-            self.inner.get(cf, key)
-        }
-        fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
-            self.inner.write(batch)
-        }
-        fn sync(&self) -> Result<(), StorageError> {
-            let held = self.held.lock().expect("lock");
-            drop(self.released.wait_while(held, |held| *held).expect("wait"));
-            self.inner.sync()
-        }
-        fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
-            self.inner.scan(cf, from, to, limit)
-        }
-        fn scan_rev(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
-            self.inner.scan_rev(cf, from, to, limit)
-        }
-    }
-
     /// An own event is shown to subscribers and handed to the couriers as soon as it is
     /// written, while its fsync still runs, under this life's replica id; the write returns,
     /// and the event counts as durable, only after the fsync.
     #[tokio::test]
     async fn own_events_are_shared_before_their_fsync_under_this_lifes_id() {
-        let engine = Arc::new(HeldSync {
-            inner: MemEngine::new(),
-            held: std::sync::Mutex::new(true),
-            released: std::sync::Condvar::new(),
-        });
+        let engine = Arc::new(StallingEngine::default());
+        engine.stall(true);
         let group_commit = GroupCommit::start(engine.clone());
         let life = 7;
         let store = CrdtStore::open(ShardId(1), ReplicaId(1), engine.clone(), group_commit, NodeCrdt::for_life(life))
@@ -1331,7 +1294,7 @@ mod tests {
         assert_eq!(behind[0].1.get(me), 0, "from the peer's count of this life's events");
         assert!(!writing.is_finished(), "the write returns only after its fsync");
         assert!(!cell.durable().contains(Dot::new(me, 1)));
-        engine.release();
+        engine.stall(false);
         let written = writing.await.expect("join");
         assert_eq!(written.position.dot(), Dot::new(me, 1));
         assert!(cell.durable().contains(Dot::new(me, 1)));

@@ -457,6 +457,48 @@ impl KvEngine for MemEngine {
     }
 }
 
+/// A [`MemEngine`] whose fsyncs can be held: a disk that stalls, for tests and simulations
+/// of that fault. While stalled, `sync` blocks its caller until [`StallingEngine::stall`]
+/// lets go; reads and writes go on.
+#[derive(Debug, Default)]
+pub struct StallingEngine {
+    inner: MemEngine,
+    stalled: Mutex<bool>,
+    released: std::sync::Condvar,
+}
+
+impl StallingEngine {
+    /// Hold (`true`) or let go of (`false`) every fsync, those waiting included.
+    pub fn stall(&self, stalled: bool) {
+        *self.stalled.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = stalled;
+        self.released.notify_all();
+    }
+}
+
+impl KvEngine for StallingEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        self.inner.get(cf, key)
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        self.inner.write(batch)
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        let stalled = self.stalled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        drop(self.released.wait_while(stalled, |stalled| *stalled).unwrap_or_else(std::sync::PoisonError::into_inner));
+        self.inner.sync()
+    }
+
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
+        self.inner.scan(cf, from, to, limit)
+    }
+
+    fn scan_rev(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
+        self.inner.scan_rev(cf, from, to, limit)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,7 +46,7 @@ pub use command::{Command, Outcome, Refusal, RequestId, Role, RoomSettings, Visi
 pub use crdt_store::{
     CrdtStore, NodeCrdt, PushScope, ReceivedEvents, RoomCell, RoomSummary, SideState, StagedRooms, StoreError, Written,
 };
-pub use engine::{Cf, KvEngine, MemEngine, RocksEngine, WriteBatch};
+pub use engine::{Cf, KvEngine, MemEngine, RocksEngine, StallingEngine, WriteBatch};
 pub use error::StorageError;
 pub use log_store::{GroupCommit, GroupCommitCounts, ShardLogStore};
 pub use meta::MetaState;

@@ -11,52 +11,12 @@ use palaver_proto::v1::admin_service_client::AdminServiceClient;
 use palaver_proto::v1::chat_service_client::ChatServiceClient;
 use palaver_proto::v1::{AckLevel, CreateRoomRequest, HistoryRequest, RoomRequest, StatusRequest};
 use palaver_proto::v1::{RoomEvent, SubscribeRequest, room_event};
-use palaver_shard::engine::KeyValue;
-use palaver_shard::{Cf, KvEngine, MemEngine, ReplicaOptions, StorageError, WriteBatch};
+use palaver_shard::{KvEngine, MemEngine, ReplicaOptions, StallingEngine};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::harness::{authed, code, post, user, wait_for};
-
-/// A [`MemEngine`] whose fsync can be held: a disk that stalls.
-#[derive(Debug, Default)]
-struct StallingEngine {
-    inner: MemEngine,
-    stalled: std::sync::Mutex<bool>,
-    released: std::sync::Condvar,
-}
-
-impl StallingEngine {
-    fn stall(&self, stalled: bool) {
-        *self.stalled.lock().expect("stall lock") = stalled;
-        self.released.notify_all();
-    }
-}
-
-impl KvEngine for StallingEngine {
-    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        self.inner.get(cf, key)
-    }
-
-    fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
-        self.inner.write(batch)
-    }
-
-    fn sync(&self) -> Result<(), StorageError> {
-        let stalled = self.stalled.lock().expect("stall lock");
-        drop(self.released.wait_while(stalled, |stalled| *stalled).expect("stall lock"));
-        self.inner.sync()
-    }
-
-    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
-        self.inner.scan(cf, from, to, limit)
-    }
-
-    fn scan_rev(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StorageError> {
-        self.inner.scan_rev(cf, from, to, limit)
-    }
-}
 
 /// The network between in-process nodes: which directed links are cut.
 #[derive(Debug, Default)]
